@@ -1,0 +1,300 @@
+// CUDA kernels for attention over branches: one warp per row m; lane l holds features
+// j = l + 32k (k < K) in registers, so each branch row is read from memory exactly once forward
+// and once backward (the backward accumulates u = sum p a x and o = sum p x instead of re-reading x,
+// since sum_g ds_g x_g = u - abar o). Sizes with H > 32 * kMaxK use the composite ATen path.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <limits>
+
+#include "branch_attention.h"
+#include "branch_attention_common.h"
+#include "grouped_lstm.h"  // poison_if_enabled
+
+namespace mtl_kernels {
+namespace {
+
+constexpr int kWarpsPerBlock = 8;
+constexpr int kMaxK = 32;  // H <= 1024 on the fused path
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+template <typename scalar_t, typename acc_t, int K>
+__device__ __forceinline__ void load_row(const scalar_t* row, int lane, int64_t H, acc_t (&v)[K]) {
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int64_t j = lane + 32 * k;
+    v[k] = j < H ? acc_t(row[j]) : acc_t(0);
+  }
+}
+
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_ptr,
+                   const scalar_t* __restrict__ bias_ptr, int64_t G, int64_t M, int64_t H,
+                   scalar_t* __restrict__ out, scalar_t* __restrict__ weights,
+                   acc_t* __restrict__ lse, acc_t* __restrict__ scores) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  acc_t w[K];
+  load_row(w_ptr, lane, H, w);
+  const acc_t bias = bias_ptr ? acc_t(*bias_ptr) : acc_t(0);
+
+  for (int64_t m = warp; m < M; m += nwarps) {
+    acc_t acc[K], cur[K], nxt[K];
+#pragma unroll
+    for (int k = 0; k < K; ++k) acc[k] = acc_t(0);
+    load_row(x + m * H, lane, H, nxt);
+    OnlineSoftmax<acc_t> sm;
+    sm.init(-std::numeric_limits<acc_t>::infinity());
+    for (int64_t g = 0; g < G; ++g) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) cur[k] = nxt[k];
+      if (g + 1 < G) load_row(x + ((g + 1) * M + m) * H, lane, H, nxt);  // prefetch next branch
+      acc_t dot = 0;
+#pragma unroll
+      for (int k = 0; k < K; ++k) dot += cur[k] * w[k];
+      const acc_t s = warp_sum(dot) + bias;
+      if (lane == 0) scores[g * M + m] = s;
+      acc_t rescale, p;
+      sm.update(s, rescale, p);
+#pragma unroll
+      for (int k = 0; k < K; ++k) acc[k] = acc[k] * rescale + p * cur[k];
+    }
+    const acc_t inv = acc_t(1) / sm.sum;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int64_t j = lane + 32 * k;
+      if (j < H) out[m * H + j] = scalar_t(acc[k] * inv);
+    }
+    const acc_t l = sm.lse();
+    if (lane == 0) lse[m] = l;
+    __syncwarp();  // lane 0's score stores are visible to the warp
+    for (int64_t g = lane; g < G; g += 32) weights[g * M + m] = scalar_t(exp_acc(scores[g * M + m] - l));
+  }
+}
+
+template <typename scalar_t, typename acc_t, int K>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    backward_kernel(const scalar_t* __restrict__ gout, const scalar_t* __restrict__ gweights,
+                    const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_ptr,
+                    const scalar_t* __restrict__ bias_ptr, const acc_t* __restrict__ lse,
+                    int64_t G, int64_t M, int64_t H, scalar_t* __restrict__ dx,
+                    acc_t* __restrict__ pa_scratch,  // (2, G, M): p and a per (g, m)
+                    acc_t* __restrict__ dw_partial,  // (gridDim.x, H)
+                    acc_t* __restrict__ db_partial)  // (gridDim.x,)
+{
+  __shared__ acc_t dw_smem[32 * K];  // one row, summed into warp by warp (fits for double K=32)
+  __shared__ acc_t db_smem;
+  const int lane = threadIdx.x & 31, wib = threadIdx.x >> 5;
+  const int64_t warp = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  const int64_t nwarps = (int64_t(gridDim.x) * blockDim.x) >> 5;
+  acc_t w[K], dw[K];
+  load_row(w_ptr, lane, H, w);
+#pragma unroll
+  for (int k = 0; k < K; ++k) dw[k] = acc_t(0);
+  acc_t db = 0;
+  const acc_t bias = bias_ptr ? acc_t(*bias_ptr) : acc_t(0);
+  acc_t* p_s = pa_scratch;
+  acc_t* a_s = pa_scratch + G * M;
+
+  for (int64_t m = warp; m < M; m += nwarps) {
+    acc_t dout[K], u[K], o[K], cur[K], nxt[K];
+    load_row(gout + m * H, lane, H, dout);
+#pragma unroll
+    for (int k = 0; k < K; ++k) u[k] = o[k] = acc_t(0);
+    const acc_t lse_m = lse[m];
+    acc_t abar = 0;
+    load_row(x + m * H, lane, H, nxt);
+    for (int64_t g = 0; g < G; ++g) {  // pass 1: the only read of x
+#pragma unroll
+      for (int k = 0; k < K; ++k) cur[k] = nxt[k];
+      if (g + 1 < G) load_row(x + ((g + 1) * M + m) * H, lane, H, nxt);
+      acc_t sdot = 0, adot = 0;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        sdot += cur[k] * w[k];
+        adot += cur[k] * dout[k];
+      }
+      const acc_t s = warp_sum(sdot) + bias;
+      const acc_t a = warp_sum(adot) + (gweights ? acc_t(gweights[g * M + m]) : acc_t(0));
+      const acc_t p = exp_acc(s - lse_m);
+      abar += p * a;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        o[k] += p * cur[k];
+        u[k] += p * a * cur[k];
+      }
+      if (lane == 0) {
+        p_s[g * M + m] = p;
+        a_s[g * M + m] = a;
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < K; ++k) dw[k] += u[k] - abar * o[k];
+    __syncwarp();
+    for (int64_t g = 0; g < G; ++g) {  // pass 2: write dx from registers and 2 scalars per branch
+      const acc_t p = p_s[g * M + m];
+      const acc_t ds = score_grad(p, a_s[g * M + m], abar);
+      db += ds;  // identical in every lane
+      scalar_t* dxg = dx + (g * M + m) * H;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int64_t j = lane + 32 * k;
+        if (j < H) dxg[j] = scalar_t(p * dout[k] + ds * w[k]);
+      }
+    }
+  }
+  // Block partials of dw and db; the host sums them over blocks (deterministic, no atomics).
+  for (int i = 0; i < kWarpsPerBlock; ++i) {  // fixed order: deterministic
+    if (wib == i) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) dw_smem[lane + 32 * k] = (i == 0 ? acc_t(0) : dw_smem[lane + 32 * k]) + dw[k];
+      if (lane == 0) db_smem = (i == 0 ? acc_t(0) : db_smem) + db;
+    }
+    __syncthreads();
+  }
+  for (int64_t j = threadIdx.x; j < H; j += blockDim.x) dw_partial[blockIdx.x * H + j] = dw_smem[j];
+  if (threadIdx.x == 0) db_partial[blockIdx.x] = db_smem;
+}
+
+int num_blocks(int64_t M) {
+  const int64_t by_rows = (M + kWarpsPerBlock - 1) / kWarpsPerBlock;
+  const int64_t cap = int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 8;
+  return int(std::max<int64_t>(1, std::min(by_rows, cap)));
+}
+
+// Calls f.template operator()<K>() with the smallest K in {1, 2, 4, 8, 16, 32} covering H.
+template <typename F>
+void dispatch_k(int64_t H, F&& f) {
+  if (H <= 32) f(std::integral_constant<int, 1>{});
+  else if (H <= 64) f(std::integral_constant<int, 2>{});
+  else if (H <= 128) f(std::integral_constant<int, 4>{});
+  else if (H <= 256) f(std::integral_constant<int, 8>{});
+  else if (H <= 512) f(std::integral_constant<int, 16>{});
+  else f(std::integral_constant<int, 32>{});
+}
+
+// Composite path for H > 32 * kMaxK: correct, not fused.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_composite(const at::Tensor& x,
+                                                                 const at::Tensor& w,
+                                                                 const std::optional<at::Tensor>& b) {
+  const auto acc = at::toOpMathType(x.scalar_type());
+  at::Tensor s = at::matmul(x.to(acc), w.to(acc));  // (G, M)
+  if (b.has_value()) s = s + b->to(acc).reshape({});
+  at::Tensor lse = at::logsumexp(s, 0);
+  at::Tensor p = at::exp(s - lse);
+  at::Tensor out = (p.unsqueeze(-1) * x.to(acc)).sum(0).to(x.scalar_type());
+  return {out, p.to(x.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_cuda(
+    const at::Tensor& branches, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const BranchAttentionShape shape = check_branch_attention_args(branches, weight, bias);
+  const int64_t G = shape.G, M = shape.M, H = shape.H;
+  const c10::cuda::CUDAGuard guard(branches.device());
+  if (H > 32 * kMaxK) return forward_composite(branches, weight, bias);
+  const auto acc = at::toOpMathType(branches.scalar_type());
+  at::Tensor out = at::empty({M, H}, branches.options());
+  at::Tensor weights = at::empty({G, M}, branches.options());
+  at::Tensor lse = at::empty({M}, branches.options().dtype(acc));
+  at::Tensor scores = at::empty({G, M}, branches.options().dtype(acc));
+  poison_if_enabled(out);
+  poison_if_enabled(weights);
+  poison_if_enabled(lse);
+  if (M == 0) return {out, weights, lse};
+  const at::Tensor w = weight.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branches.scalar_type(),
+                                  "branch_attention_forward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    dispatch_k(H, [&](auto k) {
+      forward_kernel<scalar_t, acc_t, decltype(k)::value>
+          <<<num_blocks(M), kWarpsPerBlock * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+              branches.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+              bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, G, M, H,
+              out.data_ptr<scalar_t>(), weights.data_ptr<scalar_t>(), lse.data_ptr<acc_t>(),
+              scores.data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, weights, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_backward_cuda(
+    const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_weights,
+    const at::Tensor& branches, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& lse_) {
+  const BranchAttentionShape shape = check_branch_attention_args(branches, weight, bias);
+  const int64_t G = shape.G, M = shape.M, H = shape.H;
+  TORCH_CHECK(grad_out_.sizes() == at::IntArrayRef({M, H}),
+              "branch_attention_backward: grad_out must be (", M, ", ", H, "), got ",
+              grad_out_.sizes());
+  const c10::cuda::CUDAGuard guard(branches.device());
+  const auto acc = at::toOpMathType(branches.scalar_type());
+  const at::Tensor grad_out = grad_out_.to(branches.scalar_type()).contiguous();
+  const at::Tensor lse = lse_.to(acc).contiguous();
+  at::Tensor gw;
+  if (grad_weights.has_value()) {
+    TORCH_CHECK(grad_weights->sizes() == at::IntArrayRef({G, M}),
+                "branch_attention_backward: grad_weights must be (", G, ", ", M, ")");
+    gw = grad_weights->to(branches.scalar_type()).contiguous();
+  }
+  at::Tensor dx, dw, db;
+  if (H > 32 * kMaxK) {  // composite path, same formulas as the kernel
+    const at::Tensor x = branches.to(acc), wv = weight.to(acc), go = grad_out.to(acc);
+    at::Tensor s = at::matmul(x, wv);
+    if (bias.has_value()) s = s + bias->to(acc).reshape({});
+    const at::Tensor p = at::exp(s - lse);             // (G, M)
+    at::Tensor a = at::matmul(x, go.unsqueeze(-1)).squeeze(-1);  // (G, M)
+    if (gw.defined()) a = a + gw.to(acc);
+    const at::Tensor ds = p * (a - (p * a).sum(0));    // (G, M)
+    dx = (p.unsqueeze(-1) * go + ds.unsqueeze(-1) * wv).to(branches.scalar_type());
+    dw = (ds.unsqueeze(-1) * x).sum({0, 1});
+    db = ds.sum();
+  } else {
+    dx = at::empty_like(branches);
+    poison_if_enabled(dx);
+    const int blocks = num_blocks(M);
+    at::Tensor pa = at::empty({2, G, M}, branches.options().dtype(acc));
+    at::Tensor dw_partial = at::empty({blocks, H}, branches.options().dtype(acc));
+    at::Tensor db_partial = at::empty({blocks}, branches.options().dtype(acc));
+    const at::Tensor w = weight.contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branches.scalar_type(),
+                                    "branch_attention_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_k(H, [&](auto k) {
+        backward_kernel<scalar_t, acc_t, decltype(k)::value>
+            <<<blocks, kWarpsPerBlock * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
+                grad_out.data_ptr<scalar_t>(), gw.defined() ? gw.data_ptr<scalar_t>() : nullptr,
+                branches.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
+                bias.has_value() ? bias->data_ptr<scalar_t>() : nullptr, lse.data_ptr<acc_t>(), G,
+                M, H, dx.data_ptr<scalar_t>(), pa.data_ptr<acc_t>(), dw_partial.data_ptr<acc_t>(),
+                db_partial.data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    });
+    dw = dw_partial.sum(0);
+    db = db_partial.sum();
+  }
+  const auto dtype = branches.scalar_type();
+  at::Tensor grad_bias = bias.has_value() ? db.to(dtype).view(bias->sizes()) : db.to(dtype).view({1});
+  return {dx, dw.to(dtype), grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtl_kernels, CUDA, m) {
+  m.impl("branch_attention_forward", &branch_attention_forward_cuda);
+  m.impl("branch_attention_backward", &branch_attention_backward_cuda);
+}
+
+}  // namespace mtl_kernels

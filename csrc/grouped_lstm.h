@@ -1,0 +1,86 @@
+// Device-agnostic grouped-LSTM driver (grouped_lstm.cpp) and the per-backend cell kernels it calls.
+//
+// One op call runs one layer and one direction for all G groups:
+//   forward : gates = input projection for all steps (one GEMM, or one batched GEMM per-group input),
+//             then per step: hproj = bmm(h_{t-1}, W_hh^T) over all G, and one cell kernel.
+//   backward: per step (reverse order): one cell kernel, then dh_{t-1} = dh_pass + bmm(dgates_t, W_hh);
+//             after the loop dW_ih, dW_hh, db and dx as (batched) GEMMs / one reduction.
+// The GEMMs go through ATen (MKL / cuBLAS); a backend only supplies the two step kernels.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace mtl_kernels {
+
+// Strides (in elements) of the gate tensors, which follow the input projection's layout:
+//   shared input (T, B, C)    -> gates (T, B, G, 4H)
+//   per-group    (G, T, B, C) -> gates (G, T, B, 4H)
+struct GateLayout {
+  int64_t sg, st, sb;
+};
+
+// Everything a cell kernel needs for step t. Tensors are whole sequences; the kernel offsets by t.
+struct ForwardStep {
+  at::Tensor gates;     // see GateLayout; in: input projection, out: activated gates
+  GateLayout layout;
+  at::Tensor hproj;     // (G, B, 4H)
+  at::Tensor bias;      // (G, 4H) or undefined
+  at::Tensor h_states;  // (G, T+1, B, H)   slot t / t+1 are the states around step t (forward)
+  at::Tensor c_states;  // (G, T+1, B, H)   in opmath dtype (fp32 for half types)
+  at::Tensor output;    // (G, T, B, H)
+  at::Tensor lengths;   // (B,) int64 or undefined
+  int64_t t;
+  bool reverse;         // reverse direction: slot t+1 is before step t, slot t after it
+};
+
+struct BackwardStep {
+  at::Tensor gates, dgates;  // see GateLayout
+  GateLayout layout;
+  at::Tensor c_states;       // (G, T+1, B, H)
+  at::Tensor grad_output;    // (G, T, B, H) contiguous
+  at::Tensor dh_in;          // (G, B, H)
+  at::Tensor dh_pass;        // (G, B, H)
+  at::Tensor dc;             // (G, B, H) opmath dtype, in/out
+  at::Tensor lengths;
+  int64_t t;
+  bool reverse;
+};
+
+struct CellKernels {
+  void (*forward_step)(const ForwardStep&);
+  void (*backward_step)(const BackwardStep&);
+};
+
+// State slot read before / written after step t.
+inline int64_t prev_slot(int64_t t, bool reverse) { return reverse ? t + 1 : t; }
+inline int64_t next_slot(int64_t t, bool reverse) { return reverse ? t : t + 1; }
+
+using ForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using BackwardResult = ForwardResult;
+
+ForwardResult grouped_lstm_forward_driver(const at::Tensor& input, const at::Tensor& weight_ih,
+                                          const at::Tensor& weight_hh,
+                                          const std::optional<at::Tensor>& bias,
+                                          const at::Tensor& h0, const at::Tensor& c0,
+                                          const std::optional<at::Tensor>& lengths, bool reverse,
+                                          const CellKernels& kernels);
+
+BackwardResult grouped_lstm_backward_driver(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+    const at::Tensor& input, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const at::Tensor& gates, const at::Tensor& h_states, const at::Tensor& c_states,
+    const std::optional<at::Tensor>& lengths, bool reverse, const CellKernels& kernels);
+
+// Cell state / gate arithmetic dtype: fp32 for half types (as cuDNN), the input dtype otherwise.
+inline at::ScalarType opmath_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// When MTL_KERNELS_POISON=1, buffers that a kernel must write are filled with NaN first, so that
+// an element no kernel wrote shows up in the results (used by the test suite).
+void poison_if_enabled(at::Tensor& t);
+
+}  // namespace mtl_kernels
