@@ -1,0 +1,131 @@
+"""The seed architectures, built on GroupedLSTM and BranchAttention."""
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+
+from .branch_attention import BranchAttention
+from .grouped_lstm import GroupedLSTM
+
+_COMBINES = ("concat", "attention", "mean", "sum", None)
+
+
+class ParallelLSTM(nn.Module):
+    """N LSTM branches over the same input, combined.
+
+    combine: "concat" (concatenate the branches, then Linear(N*D*H, H)), "attention"
+    (BranchAttention over branches), "mean", "sum", or None (return all branches, (N, B, T, D*H)
+    with batch_first). Input (B, T, C) [(T, B, C) if not batch_first]; returns (B, T, H') where H'
+    is H for concat, D*H otherwise.
+    """
+
+    def __init__(self, num_branches: int, input_size: int, hidden_size: int,
+                 combine: Optional[str] = "concat", num_layers: int = 1, batch_first: bool = True,
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
+        super().__init__()
+        if combine not in _COMBINES:
+            raise ValueError(f"combine must be one of {_COMBINES}, got {combine!r}")
+        self.combine = combine
+        self.lstm = GroupedLSTM(num_branches, input_size, hidden_size, num_layers,
+                                batch_first=batch_first, dropout=dropout,
+                                bidirectional=bidirectional, device=device, dtype=dtype)
+        width = hidden_size * (2 if bidirectional else 1)
+        if combine == "concat":
+            self.proj = nn.Linear(num_branches * width, hidden_size, device=device, dtype=dtype)
+        elif combine == "attention":
+            self.attention = BranchAttention(width, device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, hx=None, lengths: Optional[Tensor] = None) -> Tensor:
+        if x.dim() != 3:
+            raise ValueError(f"ParallelLSTM: input must be 3-D (one input shared by the branches), "
+                             f"got shape {tuple(x.shape)}")
+        out, _ = self.lstm(x, hx, lengths)  # (N, B, T, W) [batch_first] or (N, T, B, W)
+        if self.combine == "concat":
+            N = out.shape[0]
+            return self.proj(out.permute(1, 2, 0, 3).reshape(*out.shape[1:3], N * out.shape[-1]))
+        if self.combine == "attention":
+            return self.attention(out)
+        if self.combine == "mean":
+            return out.mean(0)
+        if self.combine == "sum":
+            return out.sum(0)
+        return out
+
+
+def _pool(seq: Tensor, lengths: Optional[Tensor], how: str) -> Tensor:
+    """seq (K, B, T, H) -> (K, B, H) over each sequence's valid steps."""
+    K, B, T, H = seq.shape
+    if how == "last":
+        if lengths is None:
+            return seq[:, :, -1]
+        idx = (lengths.to(seq.device) - 1).view(1, B, 1, 1).expand(K, B, 1, H)
+        return seq.gather(2, idx).squeeze(2)
+    if lengths is None:
+        return seq.mean(2) if how == "mean" else seq.amax(2)
+    valid = (torch.arange(T, device=seq.device).view(1, T) < lengths.to(seq.device).view(B, 1))
+    valid = valid.view(1, B, T, 1)
+    if how == "mean":
+        return (seq * valid).sum(2) / lengths.to(seq.device, seq.dtype).view(1, B, 1)
+    return seq.masked_fill(~valid, float("-inf")).amax(2)
+
+
+class MultiTaskLSTM(nn.Module):
+    """One LSTM per task, each with its own Linear head; optional shared embedding.
+
+    forward(x, lengths=None, task=None):
+      x: (B, T, C) shared by every task, (K, B, T, C) one batch per task, token ids (B, T) /
+         (K, B, T) with an embedding, or a PackedSequence of either.
+      task: None -> a list with every task's output (B, output_sizes[k]);
+            k    -> task k's output only, computing only task k's recurrence (round-robin training
+                    with one task's batch per step).
+    Pooling over time: "last" valid step (default), "mean" or "max" over valid steps.
+    """
+
+    def __init__(self, input_size: Optional[int], hidden_size: int, output_sizes: Sequence[int],
+                 vocab_size: Optional[int] = None, embedding_dim: Optional[int] = None,
+                 num_layers: int = 1, dropout: float = 0.0, pooling: str = "last",
+                 padding_idx: Optional[int] = None, device=None, dtype=None):
+        super().__init__()
+        if pooling not in ("last", "mean", "max"):
+            raise ValueError(f"pooling must be 'last', 'mean' or 'max', got {pooling!r}")
+        if not output_sizes:
+            raise ValueError("output_sizes must name at least one task")
+        if (vocab_size is None) != (embedding_dim is None):
+            raise ValueError("give both vocab_size and embedding_dim for token input, or neither")
+        self.embedding = (nn.Embedding(vocab_size, embedding_dim, padding_idx=padding_idx,
+                                       device=device, dtype=dtype) if vocab_size else None)
+        in_size = embedding_dim if vocab_size else input_size
+        if in_size is None:
+            raise ValueError("input_size is required without an embedding")
+        self.num_tasks = len(output_sizes)
+        self.pooling = pooling
+        self.lstm = GroupedLSTM(self.num_tasks, in_size, hidden_size, num_layers, batch_first=True,
+                                dropout=dropout, device=device, dtype=dtype)
+        self.heads = nn.ModuleList([nn.Linear(hidden_size, k, device=device, dtype=dtype)
+                                    for k in output_sizes])
+
+    def forward(self, x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None,
+                task: Optional[int] = None):
+        if isinstance(x, PackedSequence):
+            if lengths is not None:
+                raise ValueError("lengths must be None when x is a PackedSequence")
+            # a packed batch is one input shared by every task: (B, T, C) or token ids (B, T)
+            x, lengths = pad_packed_sequence(x, batch_first=True)
+        if task is not None and not 0 <= task < self.num_tasks:
+            raise ValueError(f"task must lie in [0, {self.num_tasks}), got {task}")
+        if self.embedding is not None:
+            if x.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"token input must be integer ids, got {x.dtype}")
+            x = self.embedding(x)
+        per_task = x.dim() == 4
+        groups = None
+        if task is not None:
+            groups = [task]
+            if per_task:
+                x = x[task : task + 1]
+        seq, _ = self.lstm(x, lengths=lengths, groups=groups)  # (K', B, T, H)
+        pooled = _pool(seq, lengths, self.pooling)  # (K', B, H)
+        if task is not None:
+            return self.heads[task](pooled[0])
+        return [head(pooled[k]) for k, head in enumerate(self.heads)]
