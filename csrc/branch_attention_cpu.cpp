@@ -56,7 +56,9 @@ void forward_cpu_typed(const at::Tensor& x_t, const at::Tensor& w_t, const at::T
         const acc_t p = score[g] * inv;
         weights[g * M + m] = scalar_t(p);
         const scalar_t* xg = x + (g * M + m) * H;
-        for (int64_t j = 0; j < H; ++j) acc[j] += p * acc_t(xg[j]);
+        acc_t* acc_p = acc.data();
+#pragma omp simd
+        for (int64_t j = 0; j < H; ++j) acc_p[j] += p * acc_t(xg[j]);
       }
       scalar_t* om = out + m * H;
       for (int64_t j = 0; j < H; ++j) om[j] = scalar_t(acc[j]);
@@ -99,7 +101,7 @@ void backward_cpu_typed(const at::Tensor& gout_t, const at::Tensor& gw_t, const 
         MTL_SIMD_SUM(s)
         for (int64_t j = 0; j < H; ++j) s += acc_t(xg[j]) * w[j];
         MTL_SIMD_SUM(ag)
-        for (int64_t j = 0; j < H; ++j) ag += acc_t(xg[j]) * dout[j];
+        for (int64_t j = 0; j < H; ++j) ag += acc_t(xg[j]) * dout[j];  // both dots hit x in L1
         p[g] = exp_acc(s + bias - lse[m]);
         a[g] = ag + (gw ? acc_t(gw[g * M + m]) : acc_t(0));
         abar += p[g] * a[g];
@@ -109,8 +111,12 @@ void backward_cpu_typed(const at::Tensor& gout_t, const at::Tensor& gw_t, const 
         db += ds;
         const scalar_t* xg = x + (g * M + m) * H;
         scalar_t* dxg = dx + (g * M + m) * H;
+        const acc_t pg = p[g];
+        const acc_t* dout_p = dout.data();
+        const acc_t* w_p = w.data();
+#pragma omp simd  // dx, dw, x, dout, w never overlap
         for (int64_t j = 0; j < H; ++j) {
-          dxg[j] = scalar_t(p[g] * dout[j] + ds * w[j]);
+          dxg[j] = scalar_t(pg * dout_p[j] + ds * w_p[j]);
           dw[j] += ds * acc_t(xg[j]);
         }
       }

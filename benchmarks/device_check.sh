@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The one script for a lent GPU machine (H100/H200): build there, run the whole test suite (CUDA
+# parametrisations included), compute-sanitizer memcheck and racecheck on a small case, then the
+# benchmarks in fp32 (TF32 off, then on) and bf16. Logs and JSON go to $OUT. About 6 minutes.
+#   run from the repository root:  bash benchmarks/device_check.sh
+set -uo pipefail
+OUT=${OUT:-/tmp/mtl_kernels_device_check}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
+export MTL_KERNELS_FORCE_CUDA=1
+status=0
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
+git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+
+step "build (-Xptxas -v resource report in build.log)"
+export NVCC_APPEND_FLAGS="-Xptxas -v"
+timeout 400 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { echo "BUILD FAILED"; tail -40 "$OUT/build.log"; exit 1; }
+unset NVCC_APPEND_FLAGS
+grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -12
+
+step "tests"
+timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 || status=1
+
+step "compute-sanitizer"
+for tool in memcheck racecheck; do
+  timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitize_case.py \
+    > "$OUT/sanitizer_$tool.log" 2>&1
+  rc=$?; echo "$tool exit $rc"; tail -3 "$OUT/sanitizer_$tool.log"; [ $rc -eq 0 ] || status=1
+done
+
+step "benchmarks"
+python3 benchmarks/bench_grouped_lstm.py --device cuda --dtype float32 --json "$OUT/lstm_fp32.json" 2>&1 | tee "$OUT/bench.txt"
+python3 benchmarks/bench_grouped_lstm.py --device cuda --dtype float32 --tf32 --json "$OUT/lstm_fp32_tf32.json" 2>&1 | tee -a "$OUT/bench.txt"
+python3 benchmarks/bench_grouped_lstm.py --device cuda --dtype bfloat16 --json "$OUT/lstm_bf16.json" 2>&1 | tee -a "$OUT/bench.txt"
+python3 benchmarks/bench_branch_attention.py --device cuda --dtype float32 --json "$OUT/attn_fp32.json" 2>&1 | tee -a "$OUT/bench.txt"
+python3 benchmarks/bench_branch_attention.py --device cuda --dtype bfloat16 2>&1 | tee -a "$OUT/bench.txt"
+echo; echo "device_check status $status"
+exit $status

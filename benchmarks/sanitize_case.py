@@ -1,0 +1,18 @@
+"""A small forward+backward through every CUDA kernel, for compute-sanitizer (device_check.sh)."""
+import torch
+
+from mtl_kernels import GroupedLSTM, branch_attention
+
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.bfloat16):
+    m = GroupedLSTM(3, 7, 6, num_layers=2, bidirectional=True).cuda().to(dtype)
+    for x in (torch.randn(5, 4, 7), torch.randn(3, 5, 4, 7)):  # shared, per group
+        x = x.cuda().to(dtype).requires_grad_()
+        out, (h, c) = m(x, lengths=torch.tensor([5, 2, 4, 1]))
+        (out.float().sum() + h.float().sum() + c.float().sum()).backward()
+    xb = torch.randn(4, 37, 100, device="cuda", dtype=dtype, requires_grad=True)
+    wb = torch.randn(100, device="cuda", dtype=dtype, requires_grad=True)
+    out, weights = branch_attention(xb, wb, return_weights=True)
+    (out.float().sum() + weights.float().pow(2).sum()).backward()
+torch.cuda.synchronize()
+print("sanitize case ran")
