@@ -7,7 +7,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/mtl_kernels_device_check}
 mkdir -p "$OUT"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PYTHONUNBUFFERED=1
-export MTL_KERNELS_FORCE_CUDA=1
+export MTL_KERNELS_FORCE_CUDA=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 status=0
 step() { echo; echo "=== $* ($(date +%T))"; }
 
@@ -23,7 +23,7 @@ unset NVCC_APPEND_FLAGS
 grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -12
 
 step "tests"
-timeout 300 python3 -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 || status=1
+timeout 300 python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 || status=1
 
 step "compute-sanitizer"
 for tool in memcheck racecheck; do

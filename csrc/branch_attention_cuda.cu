@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_backward_cuda(
     if (gw.defined()) a = a + gw.to(acc);
     const at::Tensor ds = p * (a - (p * a).sum(0));    // (G, M)
     dx = (p.unsqueeze(-1) * go + ds.unsqueeze(-1) * wv).to(branches.scalar_type());
-    dw = (ds.unsqueeze(-1) * x).sum({0, 1});
+    dw = (ds.unsqueeze(-1) * x).sum(at::IntArrayRef{0, 1});
     db = ds.sum();
   } else {
     dx = at::empty_like(branches);
