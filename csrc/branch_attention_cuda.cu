@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_backward_cuda(
     at::Tensor s = at::matmul(x, wv);
     if (bias.has_value()) s = s + bias->to(acc).reshape({});
     const at::Tensor p = at::exp(s - lse);             // (G, M)
-    at::Tensor a = at::matmul(x, go.unsqueeze(-1)).squeeze(-1);  // (G, M)
+    at::Tensor a = (x * go).sum(-1);                   // (G, M): dout . x per branch
     if (gw.defined()) a = a + gw.to(acc);
     const at::Tensor ds = p * (a - (p * a).sum(0));    // (G, M)
     dx = (p.unsqueeze(-1) * go + ds.unsqueeze(-1) * wv).to(branches.scalar_type());
