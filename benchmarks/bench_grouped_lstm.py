@@ -111,7 +111,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
-    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated names (default: all on cuda; all but 'wide', minutes per row, on cpu)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds to keep timing small cases")
@@ -123,6 +124,8 @@ def main():
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
+    if args.configs is None:
+        args.configs = ",".join(c for c in CONFIGS if device.type == "cuda" or c != "wide")
     names = [c for c in args.configs.split(",") if c]
     for n in names:
         if n not in CONFIGS:
