@@ -9,14 +9,13 @@ weights) over time.
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mtl_kernels import branch_attention  # noqa: E402
+from timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 SHAPES = [(3, 640, 20), (8, 8192, 256), (4, 8192, 512), (4, 65536, 512)]
 
@@ -27,23 +26,8 @@ def unfused(branches_list, linear):
     return (weights.unsqueeze(-1) * stacked).sum(0)
 
 
-def timeit(fn, device, warmup=5, repeats=30, min_time=0.3):
-    for _ in range(warmup):
-        fn()
-    times, t0 = [], time.perf_counter()
-    while len(times) < repeats or (time.perf_counter() - t0 < min_time and len(times) < 2000):
-        if device.type == "cuda":
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e) / 1e3)
-        else:
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timeit(fn, device, repeats=30):
+    return median_time(fn, device, warmup=5, repeats=repeats, min_time=0.3, max_runs=2000)
 
 
 def copy_bandwidth(device, nbytes=1 << 30):

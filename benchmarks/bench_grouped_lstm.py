@@ -14,15 +14,14 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mtl_kernels import GroupedLSTM  # noqa: E402
+from timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
 # name: (G, B, T, C, H, input kind)  -- per-task models feed each LSTM its own input, parallel
 # branches feed them one shared input.
@@ -33,30 +32,6 @@ CONFIGS = {
     "multitask": (8, 64, 128, 128, 256, "per-group"),
     "wide": (4, 128, 256, 512, 512, "shared"),
 }
-
-
-class Timer:
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __call__(self, fn, warmup, repeats, min_time=0.0):
-        for _ in range(warmup):
-            fn()
-        times = []
-        t_start = time.perf_counter()
-        while len(times) < repeats or (time.perf_counter() - t_start < min_time and len(times) < 10 * repeats):
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
 
 
 def bench_config(name, device, dtype, warmup, repeats, min_time):
@@ -94,13 +69,12 @@ def bench_config(name, device, dtype, warmup, repeats, min_time):
     def batched_fwd_bwd():
         batched_fwd().backward(grad_batched)
 
-    timer = Timer(device)
     row = {"config": name, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
     for label, fns in (("fwd", (loop_fwd, grouped_fwd, batched_fwd)),
                        ("fwd+bwd", (loop_fwd_bwd, grouped_fwd_bwd, batched_fwd_bwd))):
         ctx = torch.no_grad() if label == "fwd" else torch.enable_grad()
         with ctx:
-            t_loop, t_grouped, t_batched = (timer(f, warmup, repeats, min_time) for f in fns)
+            t_loop, t_grouped, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns)
         row[label] = {"loop_ms": t_loop * 1e3, "grouped_ms": t_grouped * 1e3,
                       "batched_ms": t_batched * 1e3, "speedup_vs_loop": t_loop / t_grouped,
                       "grouped_over_batched": t_grouped / t_batched}
