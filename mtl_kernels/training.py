@@ -1,6 +1,5 @@
 """Multi-task training helpers: per-task losses with sum / fixed / learned-uncertainty weighting,
 and an interleaving loader over several DataLoaders of different sizes."""
-import itertools
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -67,7 +66,7 @@ class TaskInterleaver:
                      while another finishes its epoch)
       "shortest"     stop when the shortest loader is done
       "proportional" draw each step's task with probability proportional to its loader's length,
-                     for sum(lengths) steps (round_robin only)
+                     for sum(lengths) steps (per_step=False only)
     per_step:
       False -> yields (task_id, batch): tasks in turn (0, 1, 2, 0, ...) or drawn ("proportional")
       True  -> yields a list with one batch per task per step
@@ -117,11 +116,11 @@ class TaskInterleaver:
                 iters[k] = iter(self.loaders[k])
                 return next(iters[k])
 
-        order = self._task_order()
-        self._epoch += 1
         if self.per_step:
             for _ in range(self._steps()):
                 yield [next_batch(k) for k in range(len(self.loaders))]
         else:
+            order = self._task_order()
+            self._epoch += 1  # a new (seeded) task draw for the next pass
             for k in order:
                 yield k, next_batch(k)
