@@ -166,20 +166,22 @@ BackwardResult grouped_lstm_backward_driver(
   at::Tensor dgates = at::empty(gates.sizes(), opts);  // same layout as gates
   poison_if_enabled(dgates);
   at::Tensor dh_in = grad_h_n.to(input.scalar_type()).contiguous().clone();  // (G, B, H)
+  // The cell kernel writes the pass-through part of dh_{t-1} into dh_next; the recurrent GEMM then
+  // accumulates onto it in place.
   at::Tensor dh_next = at::empty({G, B, H}, opts);
-  at::Tensor dh_pass = at::empty({G, B, H}, opts);
   at::Tensor dc = grad_c_n.to(acc).contiguous().clone();  // (G, B, H)
 
-  BackwardStep step{gates, dgates, layout, c_states, grad_output, dh_in, dh_pass, dc,
+  BackwardStep step{gates, dgates, layout, c_states, grad_output, dh_in, dh_next, dc,
                     lengths.has_value() ? *lengths : at::Tensor(), 0, reverse};
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? s : T - 1 - s;  // forward's order, reversed
     step.t = t;
     step.dh_in = dh_in;
+    step.dh_pass = dh_next;
     kernels.backward_step(step);
     // dgates at step t as (G, B, 4H): a strided view in either layout.
     const at::Tensor dg_t = shared ? dgates.select(0, t).transpose(0, 1) : dgates.select(1, t);
-    at::baddbmm_out(dh_next, dh_pass, dg_t, weight_hh);  // dh_{t-1} = dh_pass + dg_t @ W_hh
+    dh_next.baddbmm_(dg_t, weight_hh);  // dh_{t-1} = dh_pass + dg_t @ W_hh
     std::swap(dh_in, dh_next);
   }
   at::Tensor grad_h0 = dh_in;
