@@ -91,8 +91,18 @@ def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    cxx = ["-O3", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math"]
-    kwargs = dict(name="mtl_kernels._C", include_dirs=[os.path.join(here, "csrc")])
+    # Say the C++ ABI out loud: recent torch no longer adds -D_GLIBCXX_USE_CXX11_ABI to extension
+    # builds, and a compiler whose default differs from torch's (e.g. a devtoolset-style g++ that
+    # defaults to the old ABI) then builds an extension whose std::string differs from libc10's.
+    # Everything that passes a std::string across (TORCH_CHECK with a streamed message) then crashes
+    # instead of raising: seen on the GPU machine (torch 2.11, /opt/gcc g++).
+    abi = [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"]
+    # -fopenmp: at::parallel_for is an inline template over `#pragma omp parallel` (ATen's OpenMP
+    # backend), so without it every parallel_for in our kernels silently runs on one thread. The
+    # link pulls libgomp.so.1, which resolves to the copy torch has already loaded.
+    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + abi
+    kwargs = dict(name="mtl_kernels._C", include_dirs=[os.path.join(here, "csrc")],
+                  extra_link_args=["-fopenmp"])
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # cpp_extension needs an arch list when no GPU is visible; 9.0 = H100/H200.
@@ -102,7 +112,7 @@ def _extension():
         kwargs["include_dirs"] += _cublas_include_dirs()
         return CUDAExtension(sources=cpp + cu, extra_compile_args={
             "cxx": cxx + ["-DMTL_KERNELS_WITH_CUDA"],
-            "nvcc": ["-O3", "-lineinfo", "-DMTL_KERNELS_WITH_CUDA"],
+            "nvcc": ["-O3", "-lineinfo", "-DMTL_KERNELS_WITH_CUDA"] + abi,
         }, **kwargs)
     return CppExtension(sources=cpp, extra_compile_args={"cxx": cxx}, **kwargs)
 

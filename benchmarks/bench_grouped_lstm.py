@@ -7,6 +7,14 @@ For each config (DESIGN.md): forward and forward+backward medians of
              cost at most),
 and the speed-ups loop/grouped and grouped/batched, all measured in the same run.
 
+On CUDA, `grouped` is measured on both recurrence paths: the persistent kernel (`persist`, the
+default wherever its plan fits; the `path` column says what ran forward/backward: P persistent,
+S per-step) and the per-step path (`per-step`). A second table puts the persistent forward's time
+per step next to its floor: FLOPs over the card's FP32 FMA peak, and the per-step cost of the
+barrier and step overhead measured on a minimal case (G=1, B=1, H=64: two slices, one barrier per
+step). The W_hh bytes per step over the measured copy bandwidth are listed as what the per-step
+path re-reads each step and the persistent kernel does not.
+
   python benchmarks/bench_grouped_lstm.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
                                           [--configs a,b] [--json FILE]
 """
@@ -20,6 +28,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import mtl_kernels  # noqa: E402
 from mtl_kernels import GroupedLSTM  # noqa: E402
 from timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 
@@ -70,15 +79,82 @@ def bench_config(name, device, dtype, warmup, repeats, min_time):
         batched_fwd().backward(grad_batched)
 
     row = {"config": name, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
+    if device.type == "cuda":
+        grouped.requires_grad_(True)
+        before = mtl_kernels.path_counts()
+        with mtl_kernels.recurrence_path("persistent"):
+            grouped_fwd_bwd()
+        torch.cuda.synchronize()
+        after = mtl_kernels.path_counts()
+        row["path"] = ("P" if after["forward_persistent"] > before["forward_persistent"] else "S") + "/" + \
+                      ("P" if after["backward_persistent"] > before["backward_persistent"] else "S")
     for label, fns in (("fwd", (loop_fwd, grouped_fwd, batched_fwd)),
                        ("fwd+bwd", (loop_fwd_bwd, grouped_fwd_bwd, batched_fwd_bwd))):
         ctx = torch.no_grad() if label == "fwd" else torch.enable_grad()
         with ctx:
-            t_loop, t_grouped, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns)
+            t_loop, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns[::2])
+            with mtl_kernels.recurrence_path("persistent"):
+                t_grouped = median_time(fns[1], device, warmup, repeats, min_time)
+            t_step = None
+            if device.type == "cuda":
+                with mtl_kernels.recurrence_path("per_step"):
+                    t_step = median_time(fns[1], device, warmup, repeats, min_time)
         row[label] = {"loop_ms": t_loop * 1e3, "grouped_ms": t_grouped * 1e3,
                       "batched_ms": t_batched * 1e3, "speedup_vs_loop": t_loop / t_grouped,
                       "grouped_over_batched": t_grouped / t_batched}
+        if t_step is not None:
+            row[label].update({"per_step_ms": t_step * 1e3, "per_step_speedup_vs_loop": t_loop / t_step})
     return row
+
+
+def copy_bandwidth(device):
+    """Measured device-to-device copy bandwidth in bytes/s (read + write), 256 MiB."""
+    src = torch.empty(64 * 2**20, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = median_time(lambda: dst.copy_(src), device, 3, 20, 0.2)
+    return 2 * src.numel() * 4 / t
+
+
+def fp32_fma_peak(device):
+    """FP32 FLOP/s of the CUDA cores: SMs x 128 lanes x 2 x the SM clock (sm_80+: 128 FP32 lanes per SM)."""
+    p = torch.cuda.get_device_properties(device)
+    clock_hz = getattr(p, "clock_rate", 0) * 1e3 or 1.98e9  # clock_rate is in kHz where torch has it
+    return p.multi_processor_count * 128 * 2 * clock_hz
+
+
+def barrier_step_seconds(device, dtype, warmup, repeats, min_time):
+    """Per-step cost of the persistent forward at minimal work (G=1, B=1, H=64: two slices, so one
+    inter-block barrier per step): (time at T=513 - time at T=1) / 512."""
+    m = GroupedLSTM(1, 1, 64).to(device, dtype)
+    times = []
+    with torch.no_grad(), mtl_kernels.recurrence_path("persistent"):
+        for T in (1, 513):
+            x = torch.randn(T, 1, 1, device=device, dtype=dtype)
+            times.append(median_time(lambda: m(x), device, warmup, repeats, min_time))
+    return (times[1] - times[0]) / 512
+
+
+def print_floor_table(rows, device, dtype, args):
+    bw, peak = copy_bandwidth(device), fp32_fma_peak(device)
+    barrier = barrier_step_seconds(device, dtype, args.warmup, args.repeats, args.min_time)
+    elem = torch.empty((), dtype=dtype).element_size()
+    print(f"\n# persistent forward per step vs its floor: copy bw {bw / 1e9:.0f} GB/s, FP32 FMA peak "
+          f"{peak / 1e12:.1f} TFLOP/s, barrier+step overhead {barrier * 1e6:.2f} us/step")
+    hdr = (f"{'config':<14}{'path':>5} | {'fwd us/step':>11}{'flops floor':>12}{'barrier':>9}"
+           f"{'floor':>8}{'x floor':>8} | {'W_hh us/step @bw':>16}")
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        G, B, T, H = r["G"], r["B"], r["T"], r["H"]
+        step = r["fwd"]["grouped_ms"] * 1e-3 / T
+        flops = 2 * G * B * 4 * H * H / peak
+        floor = max(flops, barrier)
+        w_bytes = G * 4 * H * H * elem / bw
+        r["floor"] = {"fwd_step_us": step * 1e6, "flops_floor_us": flops * 1e6, "barrier_us": barrier * 1e6,
+                      "floor_us": floor * 1e6, "w_hh_us_at_bw": w_bytes * 1e6}
+        print(f"{r['config']:<14}{r.get('path', '-'):>5} | {step * 1e6:>11.2f}{flops * 1e6:>12.2f}"
+              f"{barrier * 1e6:>9.2f}{floor * 1e6:>8.2f}{step / floor:>7.1f}x | {w_bytes * 1e6:>16.2f}")
+    return {"copy_bw_Bps": bw, "fp32_peak_flops": peak, "barrier_step_s": barrier}
 
 
 def main():
@@ -109,22 +185,33 @@ def main():
            "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
            "tf32": bool(args.tf32) if device.type == "cuda" else None}
     print(f"# GroupedLSTM benchmark: {env}")
-    print("# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.LSTM over G*B)")
-    hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5} | "
-           f"{'fwd loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6} | "
-           f"{'f+b loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}")
+    cuda = device.type == "cuda"
+    print("# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.LSTM over G*B)"
+          + ("; grouped = persistent kernel where it fits (path P/S fwd/bwd), per-step = the per-step path"
+             if cuda else ""))
+    step_hdr = f"{'per-step':>9}{'spd':>7}" if cuda else ""
+    hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5}" + (f"{'path':>5}" if cuda else "") + " | "
+           f"{'fwd loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr} | "
+           f"{'f+b loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr}")
     print(hdr)
     print("-" * len(hdr))
     rows = []
+
+    def step_cols(d):
+        return f"{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x" if cuda else ""
+
     for n in names:
         r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time)
         rows.append(r)
         f, fb = r["fwd"], r["fwd+bwd"]
-        print(f"{n:<14}{r['G']:>4}{r['B']:>5}{r['T']:>5}{r['C']:>5}{r['H']:>5} | "
+        print(f"{n:<14}{r['G']:>4}{r['B']:>5}{r['T']:>5}{r['C']:>5}{r['H']:>5}"
+              + (f"{r['path']:>5}" if cuda else "") + " | "
               f"{f['loop_ms']:>9.3f}{f['grouped_ms']:>9.3f}{f['batched_ms']:>9.3f}"
-              f"{f['speedup_vs_loop']:>7.2f}x{f['grouped_over_batched']:>6.2f} | "
+              f"{f['speedup_vs_loop']:>7.2f}x{f['grouped_over_batched']:>6.2f}{step_cols(f)} | "
               f"{fb['loop_ms']:>9.3f}{fb['grouped_ms']:>9.3f}{fb['batched_ms']:>9.3f}"
-              f"{fb['speedup_vs_loop']:>7.2f}x{fb['grouped_over_batched']:>6.2f}", flush=True)
+              f"{fb['speedup_vs_loop']:>7.2f}x{fb['grouped_over_batched']:>6.2f}{step_cols(fb)}", flush=True)
+    if cuda:
+        env["floor"] = print_floor_table(rows, device, dtype, args)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"env": env, "results": rows}, fh, indent=2)

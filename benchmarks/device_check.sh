@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one script for a lent GPU machine (H100/H200): build there, run the whole test suite (CUDA
-# parametrisations included), compute-sanitizer memcheck and racecheck on a small case, then the
-# benchmarks in fp32 (TF32 off, then on) and bf16. Logs and JSON go to $OUT. About 6 minutes.
+# The one script for a lent GPU machine (H100/H200): build there, run the persistent-kernel tests
+# first (the newest CUDA code), then the whole suite (every CUDA test on both recurrence paths),
+# compute-sanitizer memcheck, racecheck and synccheck on a small case, then the benchmarks in fp32
+# (TF32 off, then on) and bf16. Logs and JSON go to $OUT. About 7 minutes.
 #   run from the repository root:  bash benchmarks/device_check.sh
 set -uo pipefail
 OUT=${OUT:-/tmp/mtl_kernels_device_check}
@@ -15,6 +16,10 @@ step "machine"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/gpu.txt"
 git rev-parse HEAD 2>/dev/null | tee -a "$OUT/gpu.txt"
+# The C++ ABI of torch and the compiler's default (a mismatch crashed error paths before setup.py
+# passed -D_GLIBCXX_USE_CXX11_ABI explicitly).
+python3 -c "import torch; print('torch cxx11 abi', int(torch._C._GLIBCXX_USE_CXX11_ABI))" | tee -a "$OUT/gpu.txt"
+echo '#include <string>' | ${CXX:-c++} -x c++ -dM -E - 2>/dev/null | grep -m1 "define _GLIBCXX_USE_CXX11_ABI" | tee -a "$OUT/gpu.txt"
 
 step "build (-Xptxas -v resource report in build.log)"
 export NVCC_APPEND_FLAGS="-Xptxas -v"
@@ -22,11 +27,16 @@ timeout 400 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { ec
 unset NVCC_APPEND_FLAGS
 grep -E "registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -12
 
+step "persistent-kernel tests"
+timeout 120 python3 -m pytest tests/test_persistent.py -q -x -p no:cacheprovider 2>&1 | tee "$OUT/tests_persistent.log" | tail -15
+[ ${PIPESTATUS[0]} -eq 0 ] || status=1
+
 step "tests"
-timeout 300 python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15 || status=1
+timeout 300 python3 -m pytest tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
+[ ${PIPESTATUS[0]} -eq 0 ] || status=1
 
 step "compute-sanitizer"
-for tool in memcheck racecheck; do
+for tool in memcheck racecheck synccheck; do
   timeout 120 compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitize_case.py \
     > "$OUT/sanitizer_$tool.log" 2>&1
   rc=$?; echo "$tool exit $rc"; tail -3 "$OUT/sanitizer_$tool.log"; [ $rc -eq 0 ] || status=1

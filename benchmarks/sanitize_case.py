@@ -1,15 +1,26 @@
-"""A small forward+backward through every CUDA kernel, for compute-sanitizer (device_check.sh)."""
+"""A small forward+backward through every CUDA kernel, for compute-sanitizer (device_check.sh):
+both grouped-LSTM recurrence paths (the persistent kernel with one slice per group and with several,
+which exercises the inter-block barrier), lengths, both directions, and branch attention."""
 import torch
 
+import mtl_kernels
 from mtl_kernels import GroupedLSTM, branch_attention
 
 torch.manual_seed(0)
+for path in ("per_step", "persistent"):
+    before = mtl_kernels.path_counts()
+    with mtl_kernels.recurrence_path(path):
+        for dtype in (torch.float32, torch.bfloat16):
+            for H in (6, 40):  # 40 > 32 units per block: two slices per group
+                m = GroupedLSTM(3, 7, H, num_layers=2, bidirectional=True).cuda().to(dtype)
+                for x in (torch.randn(5, 4, 7), torch.randn(3, 5, 4, 7)):  # shared, per group
+                    x = x.cuda().to(dtype).requires_grad_()
+                    out, (h, c) = m(x, lengths=torch.tensor([5, 2, 4, 1]))
+                    (out.float().sum() + h.float().sum() + c.float().sum()).backward()
+    torch.cuda.synchronize()
+    after = mtl_kernels.path_counts()
+    print(path, {k: after[k] - before[k] for k in after})
 for dtype in (torch.float32, torch.bfloat16):
-    m = GroupedLSTM(3, 7, 6, num_layers=2, bidirectional=True).cuda().to(dtype)
-    for x in (torch.randn(5, 4, 7), torch.randn(3, 5, 4, 7)):  # shared, per group
-        x = x.cuda().to(dtype).requires_grad_()
-        out, (h, c) = m(x, lengths=torch.tensor([5, 2, 4, 1]))
-        (out.float().sum() + h.float().sum() + c.float().sum()).backward()
     xb = torch.randn(4, 37, 100, device="cuda", dtype=dtype, requires_grad=True)
     wb = torch.randn(100, device="cuda", dtype=dtype, requires_grad=True)
     out, weights = branch_attention(xb, wb, return_weights=True)

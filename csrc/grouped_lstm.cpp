@@ -1,6 +1,7 @@
 // Device-agnostic grouped-LSTM driver: argument checks, ATen GEMMs, the time loop. See grouped_lstm.h.
 #include "grouped_lstm.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <limits>
 #include <utility>
@@ -16,6 +17,9 @@ void poison_if_enabled(at::Tensor& t) {
 }
 
 namespace {
+
+std::atomic<int64_t> g_forward_sequence{0}, g_forward_steps{0}, g_backward_sequence{0},
+    g_backward_steps{0};
 
 void check_same_device_dtype(const at::Tensor& ref, const at::Tensor& t, const char* name,
                              const char* ref_name) {
@@ -49,6 +53,11 @@ GateLayout gate_layout(bool shared, int64_t G, int64_t T, int64_t B, int64_t H4)
 }
 
 }  // namespace
+
+PathCounts path_counts() {
+  return {g_forward_sequence.load(), g_forward_steps.load(), g_backward_sequence.load(),
+          g_backward_steps.load()};
+}
 
 ForwardResult grouped_lstm_forward_driver(const at::Tensor& input_, const at::Tensor& weight_ih_,
                                           const at::Tensor& weight_hh_,
@@ -122,16 +131,23 @@ ForwardResult grouped_lstm_forward_driver(const at::Tensor& input_, const at::Te
   const int64_t first = reverse ? T : 0;  // slot of the initial state
   h_states.select(1, first).copy_(h0);
   c_states.select(1, first).copy_(c0);
-  at::Tensor hproj = at::empty({G, B, H4}, opts);  // (G, B, 4H)
-  const at::Tensor w_hh_t = weight_hh.transpose(1, 2);  // (G, H, 4H)
+  const at::Tensor lengths_t = lengths.has_value() ? *lengths : at::Tensor();
 
-  ForwardStep step{gates, layout, hproj, bias, h_states, c_states, output,
-                   lengths.has_value() ? *lengths : at::Tensor(), 0, reverse};
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    at::bmm_out(hproj, h_states.select(1, prev_slot(t, reverse)), w_hh_t);
-    step.t = t;
-    kernels.forward_step(step);
+  const ForwardSequence seq{gates, layout, weight_hh, bias, h_states, c_states, output, lengths_t,
+                            reverse};
+  if (kernels.forward_sequence && kernels.forward_sequence(seq)) {
+    ++g_forward_sequence;
+  } else {  // per step: one batched GEMM over all groups, one cell kernel
+    ++g_forward_steps;
+    at::Tensor hproj = at::empty({G, B, H4}, opts);        // (G, B, 4H)
+    const at::Tensor w_hh_t = weight_hh.transpose(1, 2);  // (G, H, 4H)
+    ForwardStep step{gates, layout, hproj, bias, h_states, c_states, output, lengths_t, 0, reverse};
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      at::bmm_out(hproj, h_states.select(1, prev_slot(t, reverse)), w_hh_t);
+      step.t = t;
+      kernels.forward_step(step);
+    }
   }
   const int64_t last = reverse ? 0 : T;
   at::Tensor h_n = h_states.select(1, last).clone();
@@ -165,27 +181,40 @@ BackwardResult grouped_lstm_backward_driver(
 
   at::Tensor dgates = at::empty(gates.sizes(), opts);  // same layout as gates
   poison_if_enabled(dgates);
-  at::Tensor dh_in = grad_h_n.to(input.scalar_type()).contiguous().clone();  // (G, B, H)
-  // The cell kernel writes the pass-through part of dh_{t-1} into dh_next; the recurrent GEMM then
-  // accumulates onto it in place.
-  at::Tensor dh_next = at::empty({G, B, H}, opts);
-  at::Tensor dc = grad_c_n.to(acc).contiguous().clone();  // (G, B, H)
+  const at::Tensor lengths_t = lengths.has_value() ? *lengths : at::Tensor();
+  at::Tensor grad_h0 = at::empty({G, B, H}, opts), grad_c0 = at::empty({G, B, H}, opts.dtype(acc));
+  poison_if_enabled(grad_h0);
+  poison_if_enabled(grad_c0);
 
-  BackwardStep step{gates, dgates, layout, c_states, grad_output, dh_in, dh_next, dc,
-                    lengths.has_value() ? *lengths : at::Tensor(), 0, reverse};
-  for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? s : T - 1 - s;  // forward's order, reversed
-    step.t = t;
-    step.dh_in = dh_in;
-    step.dh_pass = dh_next;
-    kernels.backward_step(step);
-    // dgates at step t as (G, B, 4H): a strided view in either layout.
-    const at::Tensor dg_t = shared ? dgates.select(0, t).transpose(0, 1) : dgates.select(1, t);
-    dh_next.baddbmm_(dg_t, weight_hh);  // dh_{t-1} = dh_pass + dg_t @ W_hh
-    std::swap(dh_in, dh_next);
+  const BackwardSequence seq{gates, dgates, layout, weight_hh, c_states, grad_output,
+                             grad_h_n.to(input.scalar_type()).contiguous(),
+                             grad_c_n.to(acc).contiguous(), grad_h0, grad_c0, lengths_t, reverse};
+  if (kernels.backward_sequence && kernels.backward_sequence(seq)) {
+    ++g_backward_sequence;
+    grad_c0 = grad_c0.to(input.scalar_type());
+  } else {
+    ++g_backward_steps;
+    at::Tensor dh_in = seq.grad_h_n.clone();  // (G, B, H)
+    // The cell kernel writes the pass-through part of dh_{t-1} into dh_next; the recurrent GEMM
+    // then accumulates onto it in place.
+    at::Tensor dh_next = at::empty({G, B, H}, opts);
+    at::Tensor dc = seq.grad_c_n.clone();  // (G, B, H)
+    BackwardStep step{gates, dgates, layout, c_states, grad_output, dh_in, dh_next, dc, lengths_t,
+                      0, reverse};
+    for (int64_t s = 0; s < T; ++s) {
+      const int64_t t = reverse ? s : T - 1 - s;  // forward's order, reversed
+      step.t = t;
+      step.dh_in = dh_in;
+      step.dh_pass = dh_next;
+      kernels.backward_step(step);
+      // dgates at step t as (G, B, 4H): a strided view in either layout.
+      const at::Tensor dg_t = shared ? dgates.select(0, t).transpose(0, 1) : dgates.select(1, t);
+      dh_next.baddbmm_(dg_t, weight_hh);  // dh_{t-1} = dh_pass + dg_t @ W_hh
+      std::swap(dh_in, dh_next);
+    }
+    grad_h0 = dh_in;
+    grad_c0 = dc.to(input.scalar_type());
   }
-  at::Tensor grad_h0 = dh_in;
-  at::Tensor grad_c0 = dc.to(input.scalar_type());
 
   // ---- weight, bias and input gradients: one (batched) GEMM or reduction each ---------------
   // dgates per group as (G, T*B, 4H): a view in both layouts.

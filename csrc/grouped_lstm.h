@@ -48,10 +48,56 @@ struct BackwardStep {
   bool reverse;
 };
 
+// The whole recurrence of one call at once (the persistent kernel). Same tensors as the steps.
+struct ForwardSequence {
+  at::Tensor gates;      // see GateLayout; in: input projection, out: activated gates
+  GateLayout layout;
+  at::Tensor weight_hh;  // (G, 4H, H) contiguous
+  at::Tensor bias;       // (G, 4H) or undefined
+  at::Tensor h_states;   // (G, T+1, B, H), the initial slot filled
+  at::Tensor c_states;   // (G, T+1, B, H) opmath dtype, the initial slot filled
+  at::Tensor output;     // (G, T, B, H)
+  at::Tensor lengths;    // (B,) int64 or undefined
+  bool reverse;
+};
+
+struct BackwardSequence {
+  at::Tensor gates, dgates;  // see GateLayout
+  GateLayout layout;
+  at::Tensor weight_hh;      // (G, 4H, H) contiguous
+  at::Tensor c_states;       // (G, T+1, B, H) opmath dtype
+  at::Tensor grad_output;    // (G, T, B, H) contiguous
+  at::Tensor grad_h_n;       // (G, B, H) contiguous, input dtype
+  at::Tensor grad_c_n;       // (G, B, H) contiguous, opmath dtype
+  at::Tensor grad_h0;        // (G, B, H) out, input dtype
+  at::Tensor grad_c0;        // (G, B, H) out, opmath dtype
+  at::Tensor lengths;
+  bool reverse;
+};
+
+// What a backend supplies. The sequence functions are optional (nullptr): they return false when
+// they do not apply (not selected, or the sizes do not fit on chip), and the driver then runs the
+// per-step loop with the step kernels.
 struct CellKernels {
   void (*forward_step)(const ForwardStep&);
   void (*backward_step)(const BackwardStep&);
+  bool (*forward_sequence)(const ForwardSequence&) = nullptr;
+  bool (*backward_sequence)(const BackwardSequence&) = nullptr;
 };
+
+#if defined(MTL_KERNELS_WITH_CUDA)
+// The persistent kernel (grouped_lstm_persistent.cu): false when the per-step path must run
+// (MTL_KERNELS_LSTM_PATH=per_step, or the sizes do not fit on chip / cannot be co-resident).
+bool persistent_forward_cuda(const ForwardSequence& s);
+bool persistent_backward_cuda(const BackwardSequence& s);
+#endif
+
+// How many recurrences ran on each path since the module was loaded (tests and benchmarks read it
+// through mtl_kernels._C.path_counts()).
+struct PathCounts {
+  int64_t forward_sequence, forward_steps, backward_sequence, backward_steps;
+};
+PathCounts path_counts();
 
 // State slot read before / written after step t.
 inline int64_t prev_slot(int64_t t, bool reverse) { return reverse ? t + 1 : t; }

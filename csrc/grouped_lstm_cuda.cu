@@ -62,7 +62,8 @@ void backward_step_cuda(const BackwardStep& s) {
   });
 }
 
-constexpr CellKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda};
+constexpr CellKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda, &persistent_forward_cuda,
+                                   &persistent_backward_cuda};
 
 ForwardResult grouped_lstm_forward_cuda(const at::Tensor& input, const at::Tensor& weight_ih,
                                         const at::Tensor& weight_hh,

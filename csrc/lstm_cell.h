@@ -161,7 +161,7 @@ MTL_HD ForwardRow<scalar_t, acc_t> forward_row(const ForwardStepParams<scalar_t,
   ForwardRow<scalar_t, acc_t> r;
   const int64_t H = p.H;
   r.gates = p.gates + g * p.gates_sg + b * p.gates_sb;
-  r.hproj = p.hproj + (g * p.B + b) * 4 * H;
+  r.hproj = p.hproj ? p.hproj + (g * p.B + b) * 4 * H : nullptr;  // none in the persistent kernel
   r.bias = p.bias ? p.bias + g * 4 * H : nullptr;
   r.h_prev = p.h_prev + g * p.h_sg + b * H;
   r.h_next = p.h_next + g * p.h_sg + b * H;
@@ -270,9 +270,10 @@ MTL_HD BackwardRow<scalar_t, acc_t> backward_row(const BackwardStepParams<scalar
   r.c_next = p.c_next + g * p.c_sg + b * H;
   r.grad_out = p.grad_out + g * p.gout_sg + b * H;
   const int64_t row = (g * p.B + b) * H;
-  r.dh_in = p.dh_in + row;
-  r.dh_pass = p.dh_pass + row;
-  r.dc = p.dc + row;
+  // The persistent kernel keeps dh and dc in registers and passes no buffers.
+  r.dh_in = p.dh_in ? p.dh_in + row : nullptr;
+  r.dh_pass = p.dh_pass ? p.dh_pass + row : nullptr;
+  r.dc = p.dc ? p.dc + row : nullptr;
   r.valid = p.lengths == nullptr || p.t < p.lengths[b];
   return r;
 }
@@ -315,6 +316,76 @@ MTL_HD void backward_element(const BackwardRow<scalar_t, acc_t>& r, int64_t j, i
     backward_compute(r.gates, r.dgates, r.c_prev, r.c_next, r.grad_out, r.dh_in, r.dh_pass, r.dc,
                      j, H);
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The same steps with the recurrent state in registers (the persistent kernel, lstm_persistent.h):
+// the recurrent pre-activations `rec` = (h_{t-1} W_hh^T)[j] arrive summed in acc_t instead of from
+// an hproj buffer, and c (forward) or dh / dc (backward) live in the caller's registers. What they
+// write to memory (activated gates, h, c, output, dgates) is what the per-step kernels write, so the
+// two paths' saved tensors mix.
+// ---------------------------------------------------------------------------------------------
+
+// Forward step of unit j; returns c_t (c_prev itself on a padding step, where the state is held).
+template <typename scalar_t, typename acc_t>
+MTL_HD acc_t forward_unit_registers(const ForwardRow<scalar_t, acc_t>& r, int64_t j, int64_t H,
+                                    const Gates<acc_t>& rec, acc_t c_prev) {
+  if (!r.valid) {
+    r.h_next[j] = r.h_prev[j];
+    r.c_next[j] = c_prev;
+    r.out[j] = scalar_t(0);
+    r.gates[j] = r.gates[H + j] = r.gates[2 * H + j] = r.gates[3 * H + j] = scalar_t(0);
+    return c_prev;
+  }
+  Gates<acc_t> pre;
+  pre.i = acc_t(r.gates[j]) + rec.i;
+  pre.f = acc_t(r.gates[H + j]) + rec.f;
+  pre.g = acc_t(r.gates[2 * H + j]) + rec.g;
+  pre.o = acc_t(r.gates[3 * H + j]) + rec.o;
+  if (r.bias) {
+    pre.i += acc_t(r.bias[j]);
+    pre.f += acc_t(r.bias[H + j]);
+    pre.g += acc_t(r.bias[2 * H + j]);
+    pre.o += acc_t(r.bias[3 * H + j]);
+  }
+  Gates<acc_t> act;
+  acc_t c, h;
+  cell_forward(pre, c_prev, act, c, h);
+  r.gates[j] = scalar_t(act.i);
+  r.gates[H + j] = scalar_t(act.f);
+  r.gates[2 * H + j] = scalar_t(act.g);
+  r.gates[3 * H + j] = scalar_t(act.o);
+  r.c_next[j] = c;
+  r.h_next[j] = scalar_t(h);
+  r.out[j] = scalar_t(h);
+  return c;
+}
+
+// Backward step of unit j. dh_in: the gradient reaching h_t from step t+1 (or grad_h_n). dc: in,
+// the gradient reaching c_t; out, the one reaching c_{t-1}. dh_pass: out, the part of dh_{t-1}
+// that bypasses W_hh (all of dh_in on a padding step, else 0).
+template <typename scalar_t, typename acc_t>
+MTL_HD void backward_unit_registers(const BackwardRow<scalar_t, acc_t>& r, int64_t j, int64_t H,
+                                    acc_t dh_in, acc_t& dc, acc_t& dh_pass) {
+  if (!r.valid) {
+    r.dgates[j] = r.dgates[H + j] = r.dgates[2 * H + j] = r.dgates[3 * H + j] = scalar_t(0);
+    dh_pass = dh_in;
+    return;
+  }
+  Gates<acc_t> act;
+  act.i = acc_t(r.gates[j]);
+  act.f = acc_t(r.gates[H + j]);
+  act.g = acc_t(r.gates[2 * H + j]);
+  act.o = acc_t(r.gates[3 * H + j]);
+  Gates<acc_t> dpre;
+  acc_t dc_prev;
+  cell_backward(act, r.c_prev[j], r.c_next[j], acc_t(r.grad_out[j]) + dh_in, dc, dpre, dc_prev);
+  r.dgates[j] = scalar_t(dpre.i);
+  r.dgates[H + j] = scalar_t(dpre.f);
+  r.dgates[2 * H + j] = scalar_t(dpre.g);
+  r.dgates[3 * H + j] = scalar_t(dpre.o);
+  dc = dc_prev;
+  dh_pass = acc_t(0);
 }
 
 }  // namespace mtl_kernels

@@ -2,7 +2,8 @@
 sequence models."""
 from .blocks import MultiTaskLSTM, ParallelLSTM
 from .branch_attention import BranchAttention, branch_attention
-from .grouped_lstm import GroupedLSTM
+from .grouped_lstm import GroupedLSTM, path_counts, recurrence_path
 
-__all__ = ["GroupedLSTM", "BranchAttention", "branch_attention", "ParallelLSTM", "MultiTaskLSTM"]
+__all__ = ["GroupedLSTM", "BranchAttention", "branch_attention", "ParallelLSTM", "MultiTaskLSTM",
+           "recurrence_path", "path_counts"]
 __version__ = "0.1.0"

@@ -39,6 +39,21 @@ def _grouped_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_i
             weight_ih.new_empty(G, H4), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n))
 
 
+# Test hooks (the persistent kernel's work run on the CPU): same results as the ops above.
+@torch.library.register_fake("mtl_kernels::_grouped_lstm_forward_emulated")
+def _grouped_lstm_forward_emulated_fake(input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse,
+                                        units, tile_rows, threads_y):
+    return _grouped_lstm_forward_fake(input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse)
+
+
+@torch.library.register_fake("mtl_kernels::_grouped_lstm_backward_emulated")
+def _grouped_lstm_backward_emulated_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                         weight_hh, gates, h_states, c_states, lengths, reverse,
+                                         units, tile_rows, threads_y):
+    return _grouped_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
+                                       gates, h_states, c_states, lengths, reverse)
+
+
 def _grouped_lstm_setup_context(ctx, inputs, output):
     input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse = inputs
     _, _, _, gates, h_states, c_states = output
@@ -98,22 +113,5 @@ def _branch_attention_backward_fake(grad_out, grad_weights, branches, weight, bi
             torch.empty_like(bias) if bias is not None else branches.new_empty(1))
 
 
-def _branch_attention_setup_context(ctx, inputs, output):
-    branches, weight, bias = inputs
-    _, _, lse = output
-    ctx.save_for_backward(branches, weight, bias, lse)
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)
-
-
-def _branch_attention_backward(ctx, grad_out, grad_weights, _grad_lse):
-    branches, weight, bias, lse = ctx.saved_tensors
-    if grad_out is None:
-        grad_out = branches.new_zeros(branches.shape[1:])
-    d_branches, d_weight, d_bias = ops.branch_attention_backward(grad_out, grad_weights, branches,
-                                                                 weight, bias, lse)
-    return d_branches, d_weight, (d_bias if bias is not None else None)
-
-
-torch.library.register_autograd("mtl_kernels::branch_attention_forward", _branch_attention_backward,
-                                setup_context=_branch_attention_setup_context)
+# Autograd for branch_attention_forward is registered in C++ (csrc/branch_attention_autograd.cpp):
+# at the seed models' sizes the Python autograd path cost more than the kernels themselves.

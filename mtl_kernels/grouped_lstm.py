@@ -1,5 +1,7 @@
 """GroupedLSTM: N independent LSTMs (one per task or branch) run as one grouped op."""
+import contextlib
 import math
+import os
 import re
 import warnings
 from typing import List, Optional, Sequence, Tuple, Union
@@ -8,7 +10,42 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
+from . import _C
 from ._ops import grouped_lstm_layer
+
+_PATH_ENV = "MTL_KERNELS_LSTM_PATH"
+_PATHS = ("auto", "persistent", "per_step")
+
+
+@contextlib.contextmanager
+def recurrence_path(path: str):
+    """Choose how GroupedLSTM runs its recurrence on the GPU, within a ``with`` block.
+
+    ``"auto"`` (the default) and ``"persistent"``: the persistent kernel (all time steps in one
+    launch) whenever its plan fits the device (W_hh slices in shared memory, all blocks resident
+    at once), else the per-step path. ``"per_step"``: one batched GEMM and one cell kernel per step.
+    The same as setting the environment variable ``MTL_KERNELS_LSTM_PATH``. The CPU always runs
+    its per-step kernels.
+    """
+    if path not in _PATHS:
+        raise ValueError(f"recurrence_path must be one of {_PATHS}, got {path!r}")
+    old = os.environ.get(_PATH_ENV)
+    os.environ[_PATH_ENV] = path
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[_PATH_ENV]
+        else:
+            os.environ[_PATH_ENV] = old
+
+
+def path_counts() -> dict:
+    """How many single-layer, single-direction recurrences ran on each path since import:
+    ``{"forward_persistent", "forward_per_step", "backward_persistent", "backward_per_step"}``."""
+    fs, fp, bs, bp = _C.path_counts()
+    return {"forward_persistent": fs, "forward_per_step": fp, "backward_persistent": bs,
+            "backward_per_step": bp}
 
 _LSTM_CONFIG = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
                 "bidirectional")

@@ -7,12 +7,25 @@ os.environ.setdefault("MTL_KERNELS_POISON", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# On a GPU every device-parametrised test runs twice: with the persistent grouped-LSTM kernel
+# (where its plan fits) and with the per-step path.
+CUDA_PATHS = ["persistent", "per_step"]
+DEVICES = ["cpu"] + ([f"cuda-{p}" for p in CUDA_PATHS] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=DEVICES)
-def device(request):
+def device(request, monkeypatch):
+    if request.param.startswith("cuda-"):
+        monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", request.param[len("cuda-"):])
+        return torch.device("cuda")
     return torch.device(request.param)
+
+
+@pytest.fixture(params=CUDA_PATHS)
+def cuda_path(request, monkeypatch):
+    """For GPU-only tests: run them on both recurrence paths."""
+    monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", request.param)
+    return request.param
 
 
 @pytest.fixture(autouse=True)

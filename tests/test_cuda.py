@@ -6,7 +6,8 @@ from torch import nn
 from mtl_kernels import GroupedLSTM, branch_attention
 from mtl_kernels.reference import LSTMLoop, branch_attention_reference
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
+              pytest.mark.usefixtures("cuda_path")]  # each test on both recurrence paths
 
 
 def rel_err(a, b):

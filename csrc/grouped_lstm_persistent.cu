@@ -1,0 +1,220 @@
+// The persistent grouped-LSTM kernels: all T steps of one layer and direction, all G groups, one
+// launch each way. The work split, shared-memory layouts and per-thread math are in
+// lstm_persistent.h (also run on the CPU by grouped_lstm_persistent_emulate.cpp); this file adds
+// the launch, the per-(group, tile) barrier and the choice between this path and the per-step one.
+//
+// Co-residency: every block of a (group, tile) waits for the others each step, so all blocks must
+// be resident at once. The plan sizes the grid from the device's limits, the occupancy API
+// confirms it for the compiled kernel, and the launch is cooperative, which the driver refuses
+// (rather than deadlocks) when the grid cannot be co-resident; any refusal means the per-step path.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+
+#include <cstdlib>
+#include <cstring>
+
+#include "grouped_lstm.h"
+#include "lstm_persistent.h"
+#include "step_params.h"
+
+namespace mtl_kernels {
+namespace {
+
+// Barrier among the `slices` blocks of one (group, tile): a monotonically increasing arrival
+// counter per (group, tile), zeroed before the launch; step s waits for (s + 1) * slices arrivals.
+// The fence before the arrival publishes this block's writes (h_t or dgates_t; __syncthreads first
+// gathers them from all its threads); readers then load them with ld.cg (load_shared_state).
+__device__ __forceinline__ void group_barrier(unsigned int* counter, unsigned int target,
+                                              bool alone) {
+  __syncthreads();
+  if (alone) return;  // one slice: the block has all of its group's hidden units
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    __threadfence();
+    atomicAdd(counter, 1u);
+    unsigned int seen;
+    do {
+      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+    } while (seen < target);
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t* smem_tile(unsigned char* smem, const PersistentPlan& plan) {
+  return reinterpret_cast<scalar_t*>(smem +
+                                     PersistentPlan::align16(plan.weight_elems * sizeof(scalar_t)));
+}
+
+template <int kRows, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPersistentMaxThreads)
+    persistent_forward_kernel(const SequenceForward<scalar_t, acc_t> q, const PersistentPlan plan,
+                              unsigned int* counters) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);  // (H, 4, units)
+  scalar_t* h_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, H)
+  const PersistentBlock k = persistent_block(plan, q.B, q.H, blockIdx.x);
+  const int64_t tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t tid = ty * plan.units + tx, nthreads = plan.threads();
+  unsigned int* counter = counters + k.g * plan.tiles + k.tile;
+  const bool alone = plan.slices == 1;
+
+  persistent_fill_weights_forward(w_s, q.weight_hh, k, plan.units, q.H, tid, nthreads);
+  acc_t c[kRows];  // the cell state of the thread's (unit, rows), for the whole sequence
+  persistent_forward_init<kRows>(q, k, plan.threads_y, tx, ty, c);
+  for (int64_t s = 0; s < q.T; ++s) {
+    const int64_t t = forward_time(s, q.T, q.reverse);
+    persistent_fill_h(h_s, q, k, t, tid, nthreads);  // A: h_{t-1} of the tile
+    __syncthreads();
+    persistent_forward_thread<kRows>(q, k, plan.units, plan.threads_y, t, w_s, h_s, tx, ty, c);  // B
+    group_barrier(counter, static_cast<unsigned int>(s + 1) * plan.slices, alone);
+  }
+}
+
+template <int kRows, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kPersistentMaxThreads)
+    persistent_backward_kernel(const SequenceBackward<scalar_t, acc_t> q,
+                               const PersistentPlan plan, unsigned int* counters) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  scalar_t* wt_s = reinterpret_cast<scalar_t*>(smem);  // (4H, units)
+  scalar_t* dg_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, 4H)
+  const PersistentBlock k = persistent_block(plan, q.B, q.H, blockIdx.x);
+  const int64_t tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t tid = ty * plan.units + tx, nthreads = plan.threads();
+  unsigned int* counter = counters + k.g * plan.tiles + k.tile;
+  const bool alone = plan.slices == 1;
+
+  persistent_fill_weights_backward(wt_s, q.weight_hh, k, plan.units, q.H, tid, nthreads);
+  acc_t dc[kRows], dh_pass[kRows];
+  persistent_backward_init<kRows>(q, k, plan.threads_y, tx, ty, dc, dh_pass);
+  for (int64_t s = 0; s <= q.T; ++s) {  // s == T: grad_h0
+    if (s > 0) persistent_fill_dgates(dg_s, q, k, backward_time(s - 1, q.T, q.reverse), tid, nthreads);
+    __syncthreads();
+    if (s == q.T) {
+      persistent_backward_finish<kRows>(q, k, plan.units, plan.threads_y, wt_s, dg_s, tx, ty, dc,
+                                        dh_pass);
+      break;
+    }
+    persistent_backward_thread<kRows>(q, k, plan.units, plan.threads_y, s,
+                                      backward_time(s, q.T, q.reverse), wt_s, dg_s, tx, ty, dc,
+                                      dh_pass);
+    group_barrier(counter, static_cast<unsigned int>(s + 1) * plan.slices, alone);
+  }
+}
+
+enum class RecurrencePath { kAuto, kPersistent, kPerStep };
+
+// MTL_KERNELS_LSTM_PATH: auto (default) | persistent | per_step. Read on every call so that tests
+// and benchmarks can switch it (mtl_kernels.recurrence_path). auto and persistent both run the
+// persistent kernel whenever its plan fits; see README "Choosing the recurrence path".
+RecurrencePath recurrence_path() {
+  const char* v = std::getenv("MTL_KERNELS_LSTM_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return RecurrencePath::kAuto;
+  if (std::strcmp(v, "persistent") == 0) return RecurrencePath::kPersistent;
+  if (std::strcmp(v, "per_step") == 0 || std::strcmp(v, "per-step") == 0)
+    return RecurrencePath::kPerStep;
+  TORCH_CHECK(false, "MTL_KERNELS_LSTM_PATH must be auto, persistent or per_step, got '", v, "'");
+}
+
+PersistentLimits device_limits(const cudaDeviceProp& p) {
+  return {p.multiProcessorCount, static_cast<int64_t>(p.sharedMemPerBlockOptin),
+          static_cast<int64_t>(p.sharedMemPerMultiprocessor), p.maxThreadsPerMultiProcessor,
+          p.maxThreadsPerBlock};
+}
+
+// Plans for these sizes on the current device; fits == false means the per-step path.
+PersistentPlan plan_for(int64_t G, int64_t B, int64_t H, int64_t elem_bytes, bool backward) {
+  if (recurrence_path() == RecurrencePath::kPerStep) {
+    PersistentPlan p;
+    p.reason = "MTL_KERNELS_LSTM_PATH=per_step";
+    return p;
+  }
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  if (!props->cooperativeLaunch) {
+    PersistentPlan p;
+    p.reason = "the device has no cooperative launch";
+    return p;
+  }
+  return persistent_plan(G, B, H, elem_bytes, backward, device_limits(*props));
+}
+
+// Launches `kernel` cooperatively over the plan's grid; false (nothing launched) when the compiled
+// kernel cannot have every block resident at once.
+template <typename Params>
+bool launch_persistent(void (*kernel)(Params, PersistentPlan, unsigned int*), const Params& q,
+                       const PersistentPlan& plan, int64_t elem_bytes, int64_t counters_count,
+                       const at::TensorOptions& opts) {
+  const int64_t smem = plan.smem_bytes(elem_bytes);
+  // Allow the device's whole opt-in shared memory once per kernel and device, so that no attribute
+  // call happens while a CUDA graph is being captured (after the usual warm-up).
+  static bool configured[64] = {};
+  const int device = at::cuda::current_device();
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  if (device >= 64 || !configured[device]) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(props->sharedMemPerBlockOptin)));
+    if (device < 64) configured[device] = true;
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+      &per_sm, kernel, static_cast<int>(plan.threads()), static_cast<size_t>(smem)));
+  if (int64_t(per_sm) * props->multiProcessorCount < plan.blocks) return false;
+
+  at::Tensor counters = at::zeros({counters_count}, opts.dtype(at::kInt));
+  unsigned int* counters_ptr = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
+  Params q_arg = q;
+  PersistentPlan plan_arg = plan;
+  void* args[] = {&q_arg, &plan_arg, &counters_ptr};
+  const cudaError_t err = cudaLaunchCooperativeKernel(
+      reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned int>(plan.blocks)),
+      dim3(static_cast<unsigned int>(plan.units), static_cast<unsigned int>(plan.threads_y)), args,
+      static_cast<size_t>(smem), at::cuda::getCurrentCUDAStream());
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();  // clear it: the per-step path runs instead
+    return false;
+  }
+  C10_CUDA_CHECK(err);
+  return true;
+}
+
+}  // namespace
+
+bool persistent_forward_cuda(const ForwardSequence& s) {
+  const int64_t G = s.h_states.size(0), B = s.h_states.size(2), H = s.h_states.size(3);
+  const int64_t elem_bytes = s.gates.element_size();
+  const PersistentPlan plan = plan_for(G, B, H, elem_bytes, /*backward=*/false);
+  if (!plan.fits) return false;
+  bool launched = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+                                  "grouped_lstm_persistent_forward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto q = make_sequence_forward<scalar_t>(s);
+    dispatch_rows(plan.rows_per_thread, [&](auto rows) {
+      launched = launch_persistent(&persistent_forward_kernel<decltype(rows)::value, scalar_t, acc_t>,
+                                   q, plan, elem_bytes, G * plan.tiles, s.gates.options());
+    });
+  });
+  return launched;
+}
+
+bool persistent_backward_cuda(const BackwardSequence& s) {
+  const int64_t G = s.c_states.size(0), B = s.c_states.size(2), H = s.c_states.size(3);
+  const int64_t elem_bytes = s.gates.element_size();
+  const PersistentPlan plan = plan_for(G, B, H, elem_bytes, /*backward=*/true);
+  if (!plan.fits) return false;
+  bool launched = false;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+                                  "grouped_lstm_persistent_backward", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto q = make_sequence_backward<scalar_t>(s);
+    dispatch_rows(plan.rows_per_thread, [&](auto rows) {
+      launched = launch_persistent(&persistent_backward_kernel<decltype(rows)::value, scalar_t, acc_t>,
+                                   q, plan, elem_bytes, G * plan.tiles, s.gates.options());
+    });
+  });
+  return launched;
+}
+
+}  // namespace mtl_kernels

@@ -1,0 +1,168 @@
+// The persistent kernel's work, run on the CPU: every block and thread of a plan, in order, through
+// the same host+device functions the CUDA kernel calls (lstm_persistent.h). The tiling, the shared
+// memory layouts, the index math, the register state and the dot products are thereby tested
+// without a GPU; only the launch and the inter-block barrier are CUDA's alone.
+//
+// Order: for each loop step, for each block: phase A for all its threads, then phase B for all its
+// threads. This is one order the barrier allows: within a step, a block's phase B writes (h_t /
+// dgates_t) never overlap another block's phase A reads (h_{t-1} / dgates_{t+1}).
+//
+// A test hook, registered as mtl_kernels::_grouped_lstm_{forward,backward}_emulated (CPU only),
+// with the tiling as arguments so that tests can sweep tile edges.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "grouped_lstm.h"
+#include "lstm_persistent.h"
+#include "step_params.h"
+
+namespace mtl_kernels {
+namespace {
+
+struct Tiling {
+  int64_t units, tile_rows, threads_y;
+};
+thread_local Tiling g_tiling;  // the tiling of the emulated op being run
+
+PersistentPlan checked_plan(int64_t G, int64_t B, int64_t H, bool backward) {
+  const PersistentPlan plan = persistent_plan_from_tiles(G, B, H, backward, g_tiling.units,
+                                                         g_tiling.tile_rows, g_tiling.threads_y);
+  TORCH_CHECK(plan.fits, "persistent emulation: invalid tiling units=", g_tiling.units,
+              " tile_rows=", g_tiling.tile_rows, " threads_y=", g_tiling.threads_y, " for B=", B,
+              ", H=", H, " (need 1 <= units <= H, 1 <= threads_y <= tile_rows <= B, and at most ",
+              kPersistentMaxRows, " rows per thread)");
+  return plan;
+}
+
+template <int kRows, typename acc_t>
+struct Registers {
+  acc_t a[kRows];
+  acc_t b[kRows];
+};
+
+template <int kRows, typename scalar_t, typename acc_t>
+void emulate_forward(const SequenceForward<scalar_t, acc_t>& q, const PersistentPlan& plan) {
+  const int64_t nthreads = plan.threads(), units = plan.units, ty_n = plan.threads_y;
+  std::vector<scalar_t> w_s(plan.blocks * plan.weight_elems), h_s(plan.blocks * plan.tile_elems);
+  std::vector<Registers<kRows, acc_t>> regs(plan.blocks * nthreads);  // .a = c
+  auto block = [&](int64_t b) { return persistent_block(plan, q.B, q.H, b); };
+  for (int64_t b = 0; b < plan.blocks; ++b) {  // kernel start
+    const PersistentBlock k = block(b);
+    for (int64_t tid = 0; tid < nthreads; ++tid)
+      persistent_fill_weights_forward(&w_s[b * plan.weight_elems], q.weight_hh, k, units, q.H, tid,
+                                      nthreads);
+    for (int64_t tid = 0; tid < nthreads; ++tid)
+      persistent_forward_init<kRows>(q, k, ty_n, tid % units, tid / units, regs[b * nthreads + tid].a);
+  }
+  for (int64_t s = 0; s < q.T; ++s) {
+    const int64_t t = forward_time(s, q.T, q.reverse);
+    for (int64_t b = 0; b < plan.blocks; ++b) {
+      const PersistentBlock k = block(b);
+      scalar_t* tile = &h_s[b * plan.tile_elems];
+      for (int64_t tid = 0; tid < nthreads; ++tid) persistent_fill_h(tile, q, k, t, tid, nthreads);
+      for (int64_t tid = 0; tid < nthreads; ++tid)
+        persistent_forward_thread<kRows>(q, k, units, ty_n, t, &w_s[b * plan.weight_elems], tile,
+                                         tid % units, tid / units, regs[b * nthreads + tid].a);
+    }
+  }
+}
+
+template <int kRows, typename scalar_t, typename acc_t>
+void emulate_backward(const SequenceBackward<scalar_t, acc_t>& q, const PersistentPlan& plan) {
+  const int64_t nthreads = plan.threads(), units = plan.units, ty_n = plan.threads_y;
+  std::vector<scalar_t> w_s(plan.blocks * plan.weight_elems), dg_s(plan.blocks * plan.tile_elems);
+  std::vector<Registers<kRows, acc_t>> regs(plan.blocks * nthreads);  // .a = dc, .b = dh_pass
+  auto block = [&](int64_t b) { return persistent_block(plan, q.B, q.H, b); };
+  for (int64_t b = 0; b < plan.blocks; ++b) {
+    const PersistentBlock k = block(b);
+    for (int64_t tid = 0; tid < nthreads; ++tid)
+      persistent_fill_weights_backward(&w_s[b * plan.weight_elems], q.weight_hh, k, units, q.H,
+                                       tid, nthreads);
+    for (int64_t tid = 0; tid < nthreads; ++tid) {
+      auto& r = regs[b * nthreads + tid];
+      persistent_backward_init<kRows>(q, k, ty_n, tid % units, tid / units, r.a, r.b);
+    }
+  }
+  for (int64_t s = 0; s <= q.T; ++s) {  // s == T: the grad_h0 pass
+    for (int64_t b = 0; b < plan.blocks; ++b) {
+      const PersistentBlock k = block(b);
+      scalar_t* tile = &dg_s[b * plan.tile_elems];
+      const scalar_t* w = &w_s[b * plan.weight_elems];
+      if (s > 0) {
+        const int64_t t_prev = backward_time(s - 1, q.T, q.reverse);
+        for (int64_t tid = 0; tid < nthreads; ++tid)
+          persistent_fill_dgates(tile, q, k, t_prev, tid, nthreads);
+      }
+      for (int64_t tid = 0; tid < nthreads; ++tid) {
+        auto& r = regs[b * nthreads + tid];
+        if (s < q.T) {
+          persistent_backward_thread<kRows>(q, k, units, ty_n, s, backward_time(s, q.T, q.reverse),
+                                            w, tile, tid % units, tid / units, r.a, r.b);
+        } else {
+          persistent_backward_finish<kRows>(q, k, units, ty_n, w, tile, tid % units, tid / units,
+                                            r.a, r.b);
+        }
+      }
+    }
+  }
+}
+
+bool emulate_forward_sequence(const ForwardSequence& s) {
+  const PersistentPlan plan =
+      checked_plan(s.h_states.size(0), s.h_states.size(2), s.h_states.size(3), false);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+                                  "grouped_lstm_forward_emulated", [&] {
+    const auto q = make_sequence_forward<scalar_t>(s);
+    dispatch_rows(plan.rows_per_thread, [&](auto rows) { emulate_forward<decltype(rows)::value>(q, plan); });
+  });
+  return true;
+}
+
+bool emulate_backward_sequence(const BackwardSequence& s) {
+  const PersistentPlan plan =
+      checked_plan(s.c_states.size(0), s.c_states.size(2), s.c_states.size(3), true);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+                                  "grouped_lstm_backward_emulated", [&] {
+    const auto q = make_sequence_backward<scalar_t>(s);
+    dispatch_rows(plan.rows_per_thread, [&](auto rows) { emulate_backward<decltype(rows)::value>(q, plan); });
+  });
+  return true;
+}
+
+constexpr CellKernels kEmulatedKernels{nullptr, nullptr, &emulate_forward_sequence,
+                                       &emulate_backward_sequence};
+
+ForwardResult forward_emulated(const at::Tensor& input, const at::Tensor& weight_ih,
+                               const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias,
+                               const at::Tensor& h0, const at::Tensor& c0,
+                               const std::optional<at::Tensor>& lengths, bool reverse,
+                               int64_t units, int64_t tile_rows, int64_t threads_y) {
+  g_tiling = {units, tile_rows, threads_y};
+  return grouped_lstm_forward_driver(input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse,
+                                     kEmulatedKernels);
+}
+
+BackwardResult backward_emulated(const at::Tensor& grad_output, const at::Tensor& grad_h_n,
+                                 const at::Tensor& grad_c_n, const at::Tensor& input,
+                                 const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                                 const at::Tensor& gates, const at::Tensor& h_states,
+                                 const at::Tensor& c_states,
+                                 const std::optional<at::Tensor>& lengths, bool reverse,
+                                 int64_t units, int64_t tile_rows, int64_t threads_y) {
+  g_tiling = {units, tile_rows, threads_y};
+  return grouped_lstm_backward_driver(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
+                                      gates, h_states, c_states, lengths, reverse,
+                                      kEmulatedKernels);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtl_kernels, CPU, m) {
+  m.impl("_grouped_lstm_forward_emulated", &forward_emulated);
+  m.impl("_grouped_lstm_backward_emulated", &backward_emulated);
+}
+
+}  // namespace mtl_kernels

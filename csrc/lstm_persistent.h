@@ -1,0 +1,476 @@
+// The persistent grouped-LSTM recurrence: all T steps of one layer and direction, all G groups, in
+// one kernel launch (grouped_lstm_persistent.cu). This header holds everything but the launch and
+// the inter-block barrier, as host+device code, so that the CPU can run it too
+// (grouped_lstm_persistent_emulate.cpp runs every block and thread of a plan in order): the tiling,
+// the shared-memory layouts, the index math and the dot products are then tested without a GPU.
+//
+// Work split. Blocks own (group g, batch tile, slice of hidden units):
+//   block = (g * tiles + tile) * slices + slice
+//   slice s: hidden units [s * units, min(H, (s + 1) * units))
+//   tile i : batch rows   [i * tile_rows, min(B, (i + 1) * tile_rows))
+// A block's threads are (tx, ty), tx in [0, units) the hidden unit in the slice, ty in
+// [0, threads_y); thread (tx, ty) owns rows ty, ty + threads_y, ... (at most kRows) of the tile.
+//
+// Forward, per block: its W_hh rows (4 gates x its units, all H columns) sit in shared memory for
+// the whole sequence, the cell state of its (unit, row) pairs in registers. Each step:
+//   A. copy h_{t-1} of the tile's rows (all H units, written by the slice blocks of the same group
+//      and tile in the previous step) into shared memory;
+//   B. each thread: 4 dot products per row (W rows . h_{t-1}) + the cell (lstm_cell.h), writes h_t,
+//      c_t, the activated gates and the output;
+//   then a barrier among the `slices` blocks of the same (group, tile) only: groups and tiles never
+//      wait for each other (none at all when slices == 1).
+// Backward, per block: the W_hh columns of its units (all 4H rows) in shared memory; dc and the
+// pass-through part of dh in registers. Each step (forward's order reversed):
+//   A. copy dgates_{t+1} of the tile's rows (all 4H, written by the slice blocks in the previous
+//      step) into shared memory;
+//   B. dh_t = dh_pass + W_hh^T dgates_{t+1} for the thread's (unit, rows), the cell backward, writes
+//      dgates_t;
+//   then the same barrier. A last A/B pair gives grad_h0 = dh_pass + W_hh^T dgates_{first}.
+// The saved and returned tensors are exactly the per-step path's (grouped_lstm.h), so forward and
+// backward paths mix.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "lstm_cell.h"
+
+// Full unrolling of the loops over a thread's rows (a template count), so their state stays in
+// registers on the GPU.
+#if defined(__CUDACC__)
+#define MTL_UNROLL _Pragma("unroll")
+#else
+#define MTL_UNROLL _Pragma("GCC unroll 8")
+#endif
+
+namespace mtl_kernels {
+
+// Rows per thread are a template argument (1, 2, 4 or 8) so that the per-row accumulators and
+// state stay in registers.
+constexpr int64_t kPersistentMaxRows = 8;
+// Threads per block at most (the kernels' __launch_bounds__): leaves up to 255 registers per
+// thread for kRows rows x 4 gates of accumulators.
+constexpr int kPersistentMaxThreads = 256;
+
+struct PersistentPlan {
+  bool fits = false;
+  const char* reason = "";
+  int64_t units = 0;            // hidden units per block (blockDim.x)
+  int64_t slices = 0;           // blocks per (group, tile) = ceil(H / units)
+  int64_t tile_rows = 0;        // batch rows per tile
+  int64_t tiles = 0;            // ceil(B / tile_rows)
+  int64_t threads_y = 0;        // blockDim.y
+  int64_t rows_per_thread = 0;  // 1, 2, 4 or 8, >= ceil(tile_rows / threads_y)
+  int64_t weight_elems = 0;     // shared memory: W_hh slice, 4 * units * H
+  int64_t tile_elems = 0;       // shared memory: tile_rows * H (forward) or tile_rows * 4H (backward)
+  int64_t blocks = 0;           // G * tiles * slices
+  int64_t blocks_per_sm = 0;    // estimated from the limits (the CUDA side checks with the driver)
+  MTL_HD int64_t threads() const { return units * threads_y; }
+  MTL_HD int64_t smem_bytes(int64_t elem_bytes) const {
+    return align16(weight_elems * elem_bytes) + tile_elems * elem_bytes;
+  }
+  MTL_HD static int64_t align16(int64_t x) { return (x + 15) / 16 * 16; }
+};
+
+// What the plan needs to know of the device.
+struct PersistentLimits {
+  int64_t num_sms;
+  int64_t smem_per_block;  // opt-in maximum of dynamic shared memory per block
+  int64_t smem_per_sm;
+  int64_t max_threads_per_sm;
+  int64_t max_threads_per_block;
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline int64_t rows_template(int64_t rows) {  // the kRows instance that covers `rows`
+  return rows <= 1 ? 1 : rows <= 2 ? 2 : rows <= 4 ? 4 : 8;
+}
+
+// A plan with the tiling given (the emulator's tests sweep these; the CUDA plan below picks them).
+inline PersistentPlan persistent_plan_from_tiles(int64_t G, int64_t B, int64_t H, bool backward,
+                                                 int64_t units, int64_t tile_rows,
+                                                 int64_t threads_y) {
+  PersistentPlan p;
+  if (units < 1 || tile_rows < 1 || threads_y < 1) {  // before any division by them
+    p.reason = "invalid tiling";
+    return p;
+  }
+  p.units = units;
+  p.slices = ceil_div(H, units);
+  p.tile_rows = tile_rows;
+  p.tiles = ceil_div(B, tile_rows);
+  p.threads_y = threads_y;
+  p.rows_per_thread = rows_template(ceil_div(tile_rows, threads_y));
+  p.weight_elems = 4 * units * H;
+  p.tile_elems = tile_rows * (backward ? 4 * H : H);
+  p.blocks = G * p.tiles * p.slices;
+  p.fits = units <= H && tile_rows <= B && threads_y <= tile_rows && ceil_div(tile_rows, threads_y) <= kPersistentMaxRows;
+  p.reason = p.fits ? "" : "invalid tiling";
+  return p;
+}
+
+// The plan for a device. Prefers wide slices (fewer blocks per barrier), takes as many rows per
+// tile as shared memory allows, then splits the batch while that still leaves SMs idle. The plan
+// does not fit (and the per-step path runs) when the W_hh slice of even one unit does not fit in
+// shared memory, or when the blocks cannot all be resident at once (a barrier would deadlock).
+inline PersistentPlan persistent_plan(int64_t G, int64_t B, int64_t H, int64_t elem_bytes,
+                                      bool backward, const PersistentLimits& lim) {
+  PersistentPlan best;
+  best.reason = "the W_hh slice of one hidden unit does not fit in shared memory";
+  const int64_t cols = backward ? 4 * H : H;
+  const int64_t reserved_per_block = 1024;  // the runtime's own shared memory per block (sm_80+)
+  for (int64_t units = std::min<int64_t>(H, 32); units >= 1; units = units > 1 ? (units + 1) / 2 : 0) {
+    const int64_t w_bytes = PersistentPlan::align16(4 * units * H * elem_bytes);
+    const int64_t rows_smem = (lim.smem_per_block - w_bytes) / (cols * elem_bytes);
+    const int64_t max_threads = std::min<int64_t>(lim.max_threads_per_block, kPersistentMaxThreads);
+    const int64_t threads_y_max = std::max<int64_t>(1, max_threads / units);
+    int64_t tile_rows = std::min({B, rows_smem, threads_y_max * kPersistentMaxRows});
+    if (tile_rows < 1) continue;
+    const int64_t slices = ceil_div(H, units);
+    while (G * slices * ceil_div(B, ceil_div(tile_rows, 2)) <= lim.num_sms && tile_rows > 4)
+      tile_rows = ceil_div(tile_rows, 2);  // more tiles: more SMs at work, fewer rows per block
+    // About 256 threads, but no more than kPersistentMaxRows rows per thread.
+    int64_t threads_y = std::min(tile_rows, threads_y_max);
+    threads_y = std::max(threads_y, ceil_div(tile_rows, kPersistentMaxRows));
+    PersistentPlan p = persistent_plan_from_tiles(G, B, H, backward, units, tile_rows, threads_y);
+    if (!p.fits) continue;
+    const int64_t smem = p.smem_bytes(elem_bytes) + reserved_per_block;
+    p.blocks_per_sm = std::min(lim.smem_per_sm / smem, lim.max_threads_per_sm / p.threads());
+    if (p.blocks_per_sm < 1 || p.blocks > p.blocks_per_sm * lim.num_sms) {
+      best.reason = "too many blocks to be resident at once";
+      continue;
+    }
+    return p;
+  }
+  best.fits = false;
+  return best;
+}
+
+// Calls f(std::integral_constant<int, kRows>) for the plan's rows_per_thread (host side).
+template <typename F>
+void dispatch_rows(int64_t rows_per_thread, const F& f) {
+  switch (rows_per_thread) {
+    case 1: f(std::integral_constant<int, 1>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    default: f(std::integral_constant<int, 8>()); break;
+  }
+}
+
+struct PersistentBlock {
+  int64_t g, tile, slice;
+  int64_t unit0, units;  // hidden units [unit0, unit0 + units)
+  int64_t row0, rows;    // batch rows [row0, row0 + rows)
+};
+
+MTL_HD PersistentBlock persistent_block(const PersistentPlan& p, int64_t B, int64_t H,
+                                        int64_t block) {
+  PersistentBlock k;
+  k.slice = block % p.slices;
+  k.tile = (block / p.slices) % p.tiles;
+  k.g = block / (p.slices * p.tiles);
+  k.unit0 = k.slice * p.units;
+  k.units = (H - k.unit0) < p.units ? (H - k.unit0) : p.units;
+  k.row0 = k.tile * p.tile_rows;
+  k.rows = (B - k.row0) < p.tile_rows ? (B - k.row0) : p.tile_rows;
+  return k;
+}
+
+// A load of data that other blocks wrote during this launch: through L2 on the GPU (L1 is not
+// coherent across SMs), a plain load on the host.
+template <typename T>
+MTL_HD T load_shared_state(const T* p) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (sizeof(T) == 2) {
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    T v;
+    memcpy(&v, &bits, 2);
+    return v;
+  } else {
+    return __ldcg(p);
+  }
+#else
+  return *p;
+#endif
+}
+
+MTL_HD int64_t seq_prev_slot(int64_t t, bool reverse) { return reverse ? t + 1 : t; }
+MTL_HD int64_t seq_next_slot(int64_t t, bool reverse) { return reverse ? t : t + 1; }
+
+// Whole-sequence tensors as raw pointers and strides (built on the host by
+// make_sequence_forward / make_sequence_backward in step_params.h).
+template <typename scalar_t, typename acc_t>
+struct SequenceForward {
+  const scalar_t* weight_hh;  // (G, 4H, H) contiguous
+  scalar_t* gates;            // GateLayout: in, the input projection; out, the activated gates
+  int64_t gates_sg, gates_st, gates_sb;
+  const scalar_t* bias;       // (G, 4H) or nullptr
+  scalar_t* h_states;         // (G, T+1, B, H), rows contiguous
+  int64_t h_sg, h_sslot;
+  acc_t* c_states;            // (G, T+1, B, H)
+  int64_t c_sg, c_sslot;
+  scalar_t* output;           // (G, T, B, H)
+  int64_t out_sg, out_st;
+  const int64_t* lengths;     // (B,) or nullptr
+  int64_t T, G, B, H;
+  bool reverse;
+};
+
+template <typename scalar_t, typename acc_t>
+struct SequenceBackward {
+  const scalar_t* weight_hh;  // (G, 4H, H) contiguous
+  const scalar_t* gates;      // activated gates, GateLayout
+  scalar_t* dgates;           // same layout
+  int64_t gates_sg, gates_st, gates_sb;
+  const acc_t* c_states;      // (G, T+1, B, H)
+  int64_t c_sg, c_sslot;
+  const scalar_t* grad_output;  // (G, T, B, H)
+  int64_t gout_sg, gout_st;
+  const scalar_t* grad_h_n;   // (G, B, H) contiguous
+  const acc_t* grad_c_n;      // (G, B, H) contiguous
+  scalar_t* grad_h0;          // (G, B, H) contiguous, out
+  acc_t* grad_c0;             // (G, B, H) contiguous, out
+  const int64_t* lengths;
+  int64_t T, G, B, H;
+  bool reverse;
+};
+
+// The per-step view of step t, for lstm_cell.h's row functions.
+template <typename scalar_t, typename acc_t>
+MTL_HD ForwardStepParams<scalar_t, acc_t> forward_step_at(const SequenceForward<scalar_t, acc_t>& q,
+                                                          int64_t t) {
+  ForwardStepParams<scalar_t, acc_t> p;
+  p.gates = q.gates + t * q.gates_st;
+  p.gates_sg = q.gates_sg;
+  p.gates_sb = q.gates_sb;
+  p.hproj = nullptr;
+  p.bias = q.bias;
+  p.h_prev = q.h_states + seq_prev_slot(t, q.reverse) * q.h_sslot;
+  p.h_next = q.h_states + seq_next_slot(t, q.reverse) * q.h_sslot;
+  p.h_sg = q.h_sg;
+  p.c_prev = q.c_states + seq_prev_slot(t, q.reverse) * q.c_sslot;
+  p.c_next = q.c_states + seq_next_slot(t, q.reverse) * q.c_sslot;
+  p.c_sg = q.c_sg;
+  p.out = q.output + t * q.out_st;
+  p.out_sg = q.out_sg;
+  p.lengths = q.lengths;
+  p.t = t;
+  p.G = q.G;
+  p.B = q.B;
+  p.H = q.H;
+  return p;
+}
+
+template <typename scalar_t, typename acc_t>
+MTL_HD BackwardStepParams<scalar_t, acc_t> backward_step_at(
+    const SequenceBackward<scalar_t, acc_t>& q, int64_t t) {
+  BackwardStepParams<scalar_t, acc_t> p;
+  p.gates = q.gates + t * q.gates_st;
+  p.dgates = q.dgates + t * q.gates_st;
+  p.gates_sg = q.gates_sg;
+  p.gates_sb = q.gates_sb;
+  p.c_prev = q.c_states + seq_prev_slot(t, q.reverse) * q.c_sslot;
+  p.c_next = q.c_states + seq_next_slot(t, q.reverse) * q.c_sslot;
+  p.c_sg = q.c_sg;
+  p.grad_out = q.grad_output + t * q.gout_st;
+  p.gout_sg = q.gout_sg;
+  p.dh_in = nullptr;
+  p.dh_pass = nullptr;
+  p.dc = nullptr;
+  p.lengths = q.lengths;
+  p.t = t;
+  p.G = q.G;
+  p.B = q.B;
+  p.H = q.H;
+  return p;
+}
+
+// Step s of the loop runs time step t: forward's order, and its reverse in the backward.
+MTL_HD int64_t forward_time(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+MTL_HD int64_t backward_time(int64_t s, int64_t T, bool reverse) { return reverse ? s : T - 1 - s; }
+
+// ---- shared-memory fills (all threads of a block, tid in [0, nthreads)) ----------------------
+
+// Forward weights: w_s[(k * 4 + gate) * units + jj] = W_hh[g][gate * H + unit0 + jj][k], so that a
+// warp's lanes (consecutive jj) read consecutive words. Global reads go along k (coalesced).
+template <typename scalar_t>
+MTL_HD void persistent_fill_weights_forward(scalar_t* w_s, const scalar_t* weight_hh,
+                                            const PersistentBlock& k, int64_t units, int64_t H,
+                                            int64_t tid, int64_t nthreads) {
+  const scalar_t* w_g = weight_hh + k.g * 4 * H * H;
+  for (int64_t idx = tid; idx < 4 * units * H; idx += nthreads) {
+    const int64_t col = idx % H, rest = idx / H;
+    const int64_t jj = rest % units, gate = rest / units;
+    w_s[(col * 4 + gate) * units + jj] =
+        jj < k.units ? w_g[(gate * H + k.unit0 + jj) * H + col] : scalar_t(0);
+  }
+}
+
+// Backward weights: wt_s[n * units + jj] = W_hh[g][n][unit0 + jj], n in [0, 4H).
+template <typename scalar_t>
+MTL_HD void persistent_fill_weights_backward(scalar_t* wt_s, const scalar_t* weight_hh,
+                                             const PersistentBlock& k, int64_t units, int64_t H,
+                                             int64_t tid, int64_t nthreads) {
+  const scalar_t* w_g = weight_hh + k.g * 4 * H * H;
+  for (int64_t idx = tid; idx < 4 * H * units; idx += nthreads) {
+    const int64_t jj = idx % units, n = idx / units;
+    wt_s[idx] = jj < k.units ? w_g[n * H + k.unit0 + jj] : scalar_t(0);
+  }
+}
+
+// Forward, phase A: h_s[r * H + col] = h_{t-1}[g][row0 + r][col].
+template <typename scalar_t, typename acc_t>
+MTL_HD void persistent_fill_h(scalar_t* h_s, const SequenceForward<scalar_t, acc_t>& q,
+                              const PersistentBlock& k, int64_t t, int64_t tid, int64_t nthreads) {
+  const scalar_t* src = q.h_states + k.g * q.h_sg + seq_prev_slot(t, q.reverse) * q.h_sslot +
+                        k.row0 * q.H;
+  for (int64_t idx = tid; idx < k.rows * q.H; idx += nthreads) h_s[idx] = load_shared_state(src + idx);
+}
+
+// Backward, phase A: dg_s[r * 4H + n] = dgates_t[g][row0 + r][n].
+template <typename scalar_t, typename acc_t>
+MTL_HD void persistent_fill_dgates(scalar_t* dg_s, const SequenceBackward<scalar_t, acc_t>& q,
+                                   const PersistentBlock& k, int64_t t, int64_t tid,
+                                   int64_t nthreads) {
+  const int64_t H4 = 4 * q.H;
+  const scalar_t* src = q.dgates + t * q.gates_st + k.g * q.gates_sg;
+  for (int64_t idx = tid; idx < k.rows * H4; idx += nthreads) {
+    const int64_t r = idx / H4, n = idx % H4;
+    dg_s[idx] = load_shared_state(src + (k.row0 + r) * q.gates_sb + n);
+  }
+}
+
+// ---- per-thread work ------------------------------------------------------------------------
+
+// Forward: the cell state of the thread's rows at the start (slot of h0/c0).
+template <int kRows, typename scalar_t, typename acc_t>
+MTL_HD void persistent_forward_init(const SequenceForward<scalar_t, acc_t>& q,
+                                    const PersistentBlock& k, int64_t threads_y, int64_t tx,
+                                    int64_t ty, acc_t (&c)[kRows]) {
+  const int64_t first = q.reverse ? q.T : 0;
+MTL_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = ty + r * threads_y;
+    c[r] = (tx < k.units && row < k.rows)
+               ? q.c_states[k.g * q.c_sg + first * q.c_sslot + (k.row0 + row) * q.H + k.unit0 + tx]
+               : acc_t(0);
+  }
+}
+
+// Forward, phase B of step t for thread (tx, ty).
+template <int kRows, typename scalar_t, typename acc_t>
+MTL_HD void persistent_forward_thread(const SequenceForward<scalar_t, acc_t>& q,
+                                      const PersistentBlock& k, int64_t units, int64_t threads_y,
+                                      int64_t t, const scalar_t* w_s, const scalar_t* h_s,
+                                      int64_t tx, int64_t ty, acc_t (&c)[kRows]) {
+  if (tx >= k.units) return;
+  const int64_t H = q.H;
+  Gates<acc_t> rec[kRows];
+MTL_UNROLL
+  for (int r = 0; r < kRows; ++r) rec[r].i = rec[r].f = rec[r].g = rec[r].o = acc_t(0);
+  for (int64_t col = 0; col < H; ++col) {
+    const scalar_t* w = w_s + col * 4 * units + tx;
+    const acc_t wi = acc_t(w[0]), wf = acc_t(w[units]), wg = acc_t(w[2 * units]),
+                wo = acc_t(w[3 * units]);
+MTL_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = ty + r * threads_y;
+      if (row < k.rows) {
+        const acc_t h = acc_t(h_s[row * H + col]);
+        rec[r].i += wi * h;
+        rec[r].f += wf * h;
+        rec[r].g += wg * h;
+        rec[r].o += wo * h;
+      }
+    }
+  }
+  const ForwardStepParams<scalar_t, acc_t> p = forward_step_at(q, t);
+MTL_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = ty + r * threads_y;
+    if (row < k.rows)
+      c[r] = forward_unit_registers(forward_row(p, k.g, k.row0 + row), k.unit0 + tx, H, rec[r], c[r]);
+  }
+}
+
+// Backward: dc and dh_pass of the thread's rows at the start (grad_c_n, grad_h_n).
+template <int kRows, typename scalar_t, typename acc_t>
+MTL_HD void persistent_backward_init(const SequenceBackward<scalar_t, acc_t>& q,
+                                     const PersistentBlock& k, int64_t threads_y, int64_t tx,
+                                     int64_t ty, acc_t (&dc)[kRows], acc_t (&dh_pass)[kRows]) {
+MTL_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = ty + r * threads_y;
+    const bool mine = tx < k.units && row < k.rows;
+    const int64_t off = (k.g * q.B + k.row0 + row) * q.H + k.unit0 + tx;
+    dc[r] = mine ? q.grad_c_n[off] : acc_t(0);
+    dh_pass[r] = mine ? acc_t(q.grad_h_n[off]) : acc_t(0);
+  }
+}
+
+// (W_hh^T dgates)[row][unit0 + tx] for the thread's rows; dg_s holds the tile's dgates (all 4H).
+template <int kRows, typename scalar_t, typename acc_t>
+MTL_HD void persistent_recurrent_grad(const PersistentBlock& k, int64_t units, int64_t threads_y,
+                                      int64_t H, const scalar_t* wt_s, const scalar_t* dg_s,
+                                      int64_t tx, int64_t ty, acc_t (&dh)[kRows]) {
+MTL_UNROLL
+  for (int r = 0; r < kRows; ++r) dh[r] = acc_t(0);
+  for (int64_t n = 0; n < 4 * H; ++n) {
+    const acc_t w = acc_t(wt_s[n * units + tx]);
+MTL_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      const int64_t row = ty + r * threads_y;
+      if (row < k.rows) dh[r] += w * acc_t(dg_s[row * 4 * H + n]);
+    }
+  }
+}
+
+// Backward, phase B of loop step s (time t) for thread (tx, ty). For s > 0, dg_s holds the dgates
+// of the previous loop step; at s == 0 only grad_h_n (already in dh_pass) reaches h_t.
+template <int kRows, typename scalar_t, typename acc_t>
+MTL_HD void persistent_backward_thread(const SequenceBackward<scalar_t, acc_t>& q,
+                                       const PersistentBlock& k, int64_t units, int64_t threads_y,
+                                       int64_t s, int64_t t, const scalar_t* wt_s,
+                                       const scalar_t* dg_s, int64_t tx, int64_t ty,
+                                       acc_t (&dc)[kRows], acc_t (&dh_pass)[kRows]) {
+  if (tx >= k.units) return;
+  acc_t dh[kRows];
+  if (s > 0) {
+    persistent_recurrent_grad<kRows>(k, units, threads_y, q.H, wt_s, dg_s, tx, ty, dh);
+  } else {
+MTL_UNROLL
+    for (int r = 0; r < kRows; ++r) dh[r] = acc_t(0);
+  }
+  const BackwardStepParams<scalar_t, acc_t> p = backward_step_at(q, t);
+MTL_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = ty + r * threads_y;
+    if (row < k.rows)
+      backward_unit_registers(backward_row(p, k.g, k.row0 + row), k.unit0 + tx, q.H,
+                              dh_pass[r] + dh[r], dc[r], dh_pass[r]);
+  }
+}
+
+// Backward, after the loop: grad_h0 = dh_pass + W_hh^T dgates of the last loop step, grad_c0 = dc.
+template <int kRows, typename scalar_t, typename acc_t>
+MTL_HD void persistent_backward_finish(const SequenceBackward<scalar_t, acc_t>& q,
+                                       const PersistentBlock& k, int64_t units, int64_t threads_y,
+                                       const scalar_t* wt_s, const scalar_t* dg_s, int64_t tx,
+                                       int64_t ty, const acc_t (&dc)[kRows],
+                                       const acc_t (&dh_pass)[kRows]) {
+  if (tx >= k.units) return;
+  acc_t dh[kRows];
+  persistent_recurrent_grad<kRows>(k, units, threads_y, q.H, wt_s, dg_s, tx, ty, dh);
+MTL_UNROLL
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t row = ty + r * threads_y;
+    if (row < k.rows) {
+      const int64_t off = (k.g * q.B + k.row0 + row) * q.H + k.unit0 + tx;
+      q.grad_h0[off] = scalar_t(dh_pass[r] + dh[r]);
+      q.grad_c0[off] = dc[r];
+    }
+  }
+}
+
+}  // namespace mtl_kernels

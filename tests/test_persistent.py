@@ -1,0 +1,335 @@
+"""The persistent grouped-LSTM kernel (issue: one launch for the whole sequence).
+
+On the CPU: its work split, shared-memory layouts, index math and per-thread arithmetic run through
+the emulator op (every block and thread of a plan, in order, with the same code the CUDA kernel
+runs), against the per-step op; and its planner, against the limits of an H100. On a GPU: the real
+kernel against the per-step path, bit-for-bit determinism, randomized sizes around the fit limits,
+and the fallback.
+"""
+import random
+
+import pytest
+import torch
+
+import mtl_kernels
+from mtl_kernels import GroupedLSTM, _C
+from mtl_kernels._ops import ops
+
+# What torch reports for an H100 SXM (sm_90): SMs, opt-in smem per block, smem per SM, threads per
+# SM, threads per block.
+H100 = (132, 227 * 1024, 228 * 1024, 2048, 1024)
+MAX_ROWS = 8  # kPersistentMaxRows
+MAX_THREADS = 256  # kPersistentMaxThreads
+
+
+def _op_args(G, T, B, C, H, dtype, shared, bias, lengths, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731
+    x = r(T, B, C) if shared else r(G, T, B, C)
+    w_ih, w_hh = r(G, 4 * H, C) * 0.5, r(G, 4 * H, H) * 0.5
+    b = r(G, 4 * H) if bias else None
+    h0, c0 = r(G, B, H), r(G, B, H)
+    L = torch.randint(1, T + 1, (B,), generator=g).to(device) if lengths else None
+    return x, w_ih, w_hh, b, h0, c0, L
+
+
+def _grads(G, T, B, H, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return r(G, T, B, H), r(G, B, H), r(G, B, H)
+
+
+def _assert_all_close(got, want, **tol):
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not a.isnan().any(), f"result {i} has unwritten (NaN-poisoned) elements"
+        torch.testing.assert_close(a, b, msg=lambda m: f"result {i}: {m}", **tol)
+
+
+TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+
+# ---- the emulator: the CUDA kernel's work, run on the CPU ---------------------------------------
+# (G, T, B, C, H, (units, tile_rows, threads_y)): whole-group blocks, one unit per block, slices
+# and tiles that do not divide H and B, one row per thread and up to 8, G = 1, T = 1, B = 1, H = 1.
+TILINGS = [
+    (3, 5, 7, 4, 6, (6, 7, 7)),
+    (3, 5, 7, 4, 6, (1, 1, 1)),
+    (3, 5, 7, 4, 6, (4, 3, 2)),
+    (2, 4, 9, 3, 7, (3, 9, 2)),   # 5 rows per thread -> the kRows=8 instance, tile edge mid-thread
+    (2, 6, 13, 5, 10, (4, 5, 1)),
+    (1, 1, 1, 1, 1, (1, 1, 1)),
+    (1, 3, 2, 2, 1, (1, 2, 1)),
+    (4, 2, 1, 3, 5, (2, 1, 1)),
+    (2, 7, 16, 3, 33, (32, 16, 2)),  # 8 rows per thread, 2 slices of 32 and 1
+]
+
+
+@pytest.mark.parametrize("G,T,B,C,H,tiling", TILINGS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shared,bias,lengths", [(True, True, True), (False, False, True),
+                                                 (True, False, False), (False, True, False)])
+def test_emulated_persistent_matches_per_step_fp64(G, T, B, C, H, tiling, reverse, shared, bias,
+                                                   lengths):
+    args = _op_args(G, T, B, C, H, torch.float64, shared, bias, lengths)
+    ref = ops.grouped_lstm_forward(*args, reverse)
+    emu = ops._grouped_lstm_forward_emulated(*args, reverse, *tiling)
+    _assert_all_close(emu, ref, **TOL[torch.float64])
+    x, w_ih, w_hh, _, _, _, L = args
+    grads = _grads(G, T, B, H, torch.float64)
+    ref_b = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *ref[3:], L, reverse)
+    emu_b = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *emu[3:], L, reverse, *tiling)
+    _assert_all_close(emu_b, ref_b, **TOL[torch.float64])
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_persistent_half_and_single(dtype):
+    """Against fp64 on the same (rounded) inputs, the emulated kernel is as accurate as the
+    per-step path (it keeps the recurrent sums and dh in fp32 registers, the per-step path rounds
+    h @ W_hh^T and dh to the input dtype between steps)."""
+    G, T, B, C, H, tiling = 3, 6, 5, 4, 9, (4, 3, 1)
+    args = _op_args(G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
+    args64 = [a.double() if a is not None and a.is_floating_point() else a for a in args]
+    truth = ops.grouped_lstm_forward(*args64, False)
+    ref = ops.grouped_lstm_forward(*args, False)
+    emu = ops._grouped_lstm_forward_emulated(*args, False, *tiling)
+    assert emu[5].dtype == torch.float32  # fp32 cell state for the half types
+    limit = 1e-6 if dtype == torch.float32 else 1e-2
+    for i in range(6):
+        assert not emu[i].isnan().any()
+        assert _rel_err(emu[i], truth[i]) <= max(1.5 * _rel_err(ref[i], truth[i]), limit), i
+    x, w_ih, w_hh, _, _, _, L = args
+    grads = _grads(G, T, B, H, dtype)
+    truth_b = ops.grouped_lstm_backward(*[g.double() for g in grads], *args64[:3], *truth[3:],
+                                        L, False)
+    ref_b = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *ref[3:], L, False)
+    emu_b = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *emu[3:], L, False, *tiling)
+    for i in range(6):
+        assert not emu_b[i].isnan().any()
+        assert _rel_err(emu_b[i], truth_b[i]) <= max(1.5 * _rel_err(ref_b[i], truth_b[i]), limit), i
+
+
+def test_emulated_paths_mix():
+    """The two paths save the same tensors: either backward runs on either forward's."""
+    G, T, B, C, H, tiling = 2, 5, 4, 3, 5, (2, 3, 2)
+    args = _op_args(G, T, B, C, H, torch.float64, shared=True, bias=True, lengths=True)
+    x, w_ih, w_hh, _, _, _, L = args
+    grads = _grads(G, T, B, H, torch.float64)
+    per_step = ops.grouped_lstm_forward(*args, False)
+    emulated = ops._grouped_lstm_forward_emulated(*args, False, *tiling)
+    want = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *per_step[3:], L, False)
+    got_1 = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *per_step[3:], L, False, *tiling)
+    got_2 = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *emulated[3:], L, False)
+    _assert_all_close(got_1, want, **TOL[torch.float64])
+    _assert_all_close(got_2, want, **TOL[torch.float64])
+
+
+def test_emulated_random_tilings():
+    rng = random.Random(0)
+    for seed in range(12):
+        G, T, B, C, H = (rng.randint(1, 4), rng.randint(1, 6), rng.randint(1, 12), rng.randint(1, 5),
+                         rng.randint(1, 12))
+        units, tile_rows = rng.randint(1, H), rng.randint(1, B)
+        threads_y = rng.randint(-(-tile_rows // MAX_ROWS), tile_rows)
+        tiling = (units, tile_rows, threads_y)
+        shared, bias, lengths, reverse = (rng.random() < 0.5 for _ in range(4))
+        args = _op_args(G, T, B, C, H, torch.float64, shared, bias, lengths, seed=seed)
+        ref = ops.grouped_lstm_forward(*args, reverse)
+        emu = ops._grouped_lstm_forward_emulated(*args, reverse, *tiling)
+        _assert_all_close(emu, ref, **TOL[torch.float64])
+        x, w_ih, w_hh, _, _, _, L = args
+        grads = _grads(G, T, B, H, torch.float64, seed=seed)
+        ref_b = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *ref[3:], L, reverse)
+        emu_b = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *emu[3:], L, reverse,
+                                                    *tiling)
+        _assert_all_close(emu_b, ref_b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("tiling", [(0, 2, 1), (7, 2, 1), (2, 0, 1), (2, 5, 1), (2, 4, 5),
+                                    (2, 4, 0)])
+def test_emulated_rejects_invalid_tiling(tiling):
+    args = _op_args(2, 3, 4, 3, 5, torch.float64, True, True, False)
+    # units > H, tile_rows > B, threads_y > tile_rows, zeros: all invalid; (2, 5, 1) > B = 4
+    with pytest.raises(RuntimeError, match="invalid tiling"):
+        ops._grouped_lstm_forward_emulated(*args, False, *tiling)
+
+
+def test_emulated_ops_opcheck():
+    args = _op_args(2, 3, 4, 3, 5, torch.float64, True, True, True)
+    torch.library.opcheck(ops._grouped_lstm_forward_emulated, (*args, False, 2, 3, 2))
+    fwd = ops._grouped_lstm_forward_emulated(*args, False, 2, 3, 2)
+    x, w_ih, w_hh, _, _, _, L = args
+    torch.library.opcheck(ops._grouped_lstm_backward_emulated,
+                          (*_grads(2, 3, 4, 5, torch.float64), x, w_ih, w_hh, *fwd[3:], L, False,
+                           2, 3, 2))
+
+
+# ---- the planner ----------------------------------------------------------------------------
+def _plan(G, B, H, elem_bytes, backward, limits=H100):
+    return _C.persistent_plan(G, B, H, elem_bytes, backward, *limits)
+
+
+def _check_plan_invariants(p, G, B, H, elem_bytes, backward, limits=H100):
+    sms, smem_block, smem_sm, threads_sm, threads_block = limits
+    assert 1 <= p["units"] <= min(H, 32)
+    assert p["slices"] == -(-H // p["units"])
+    assert 1 <= p["tile_rows"] <= B and p["tiles"] == -(-B // p["tile_rows"])
+    assert p["threads_y"] <= p["tile_rows"] <= p["threads_y"] * p["rows_per_thread"]
+    assert p["rows_per_thread"] in (1, 2, 4, 8)
+    assert p["threads"] == p["units"] * p["threads_y"] <= min(MAX_THREADS, threads_block)
+    cols = 4 * H if backward else H
+    w_bytes = -(-4 * p["units"] * H * elem_bytes // 16) * 16
+    assert p["smem_bytes"] == w_bytes + p["tile_rows"] * cols * elem_bytes <= smem_block
+    assert p["blocks"] == G * p["tiles"] * p["slices"]
+    assert p["blocks"] <= p["blocks_per_sm"] * sms  # co-resident
+    assert p["blocks_per_sm"] * (p["smem_bytes"] + 1024) <= smem_sm
+
+
+CONFIGS = {"seed-tasks": (2, 32, 50), "seed-branches": (3, 32, 20), "many-small": (32, 16, 64),
+           "multitask": (8, 64, 256)}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("elem_bytes", [4, 2])
+@pytest.mark.parametrize("backward", [False, True])
+def test_plan_benchmark_configs_on_h100(name, elem_bytes, backward):
+    G, B, H = CONFIGS[name]
+    p = _plan(G, B, H, elem_bytes, backward)
+    if name == "multitask" and backward and elem_bytes == 4:
+        # fp32 dgates tiles (rows x 4H) next to a 128 KB W_hh slice leave too few rows per block
+        assert not p["fits"] and "resident" in p["reason"]
+        return
+    assert p["fits"], p["reason"]
+    _check_plan_invariants(p, G, B, H, elem_bytes, backward)
+    if name == "seed-branches":
+        assert p["slices"] == 1  # one block holds a whole group: no inter-block barrier at all
+
+
+def test_plan_random_sizes_hold_invariants():
+    rng = random.Random(1)
+    fits = 0
+    for _ in range(400):
+        G, B, H = rng.randint(1, 64), rng.randint(1, 300), rng.randint(1, 700)
+        elem_bytes, backward = rng.choice([2, 4, 8]), rng.random() < 0.5
+        p = _plan(G, B, H, elem_bytes, backward)
+        if p["fits"]:
+            fits += 1
+            _check_plan_invariants(p, G, B, H, elem_bytes, backward)
+        else:
+            assert p["reason"]
+    assert 50 < fits < 400  # the sample reaches both sides of the limits
+
+
+def test_plan_does_not_fit_when_one_unit_exceeds_shared_memory():
+    p = _plan(1, 4, 20000, 4, False)  # 4 x 20000 x 4 B = 320 KB for a single hidden unit
+    assert not p["fits"] and "shared memory" in p["reason"]
+    p = _plan(200, 64, 256, 4, False)  # 1600 blocks of 128 KB: cannot all be resident
+    assert not p["fits"] and "resident" in p["reason"]
+
+
+def test_recurrence_path_switch_and_cpu_counts():
+    with pytest.raises(ValueError):
+        with mtl_kernels.recurrence_path("fast"):
+            pass
+    before = mtl_kernels.path_counts()
+    m = GroupedLSTM(2, 3, 4)
+    with mtl_kernels.recurrence_path("persistent"):
+        m(torch.randn(5, 2, 3))[0].sum().backward()
+    after = mtl_kernels.path_counts()
+    # the CPU runs its per-step kernels whatever the setting
+    assert after["forward_per_step"] == before["forward_per_step"] + 1
+    assert after["backward_per_step"] == before["backward_per_step"] + 1
+    assert after["forward_persistent"] == before["forward_persistent"]
+
+
+# ---- the real kernel, on a GPU ------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+def _run_cuda(path, G, T, B, C, H, dtype, shared=True, bias=True, lengths=True, reverse=False,
+              seed=0):
+    args = _op_args(G, T, B, C, H, dtype, shared, bias, lengths, seed=seed, device="cuda")
+    grads = [g.cuda() for g in _grads(G, T, B, H, dtype, seed=seed + 1)]
+    before = mtl_kernels.path_counts()
+    with mtl_kernels.recurrence_path(path):
+        fwd = ops.grouped_lstm_forward(*args, reverse)
+        x, w_ih, w_hh, _, _, _, L = args
+        bwd = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *fwd[3:], L, reverse)
+    torch.cuda.synchronize()
+    after = mtl_kernels.path_counts()
+    ran = {k: after[k] - before[k] for k in after}
+    return fwd, bwd, ran
+
+
+@cuda
+@pytest.mark.parametrize("G,T,B,C,H", [(3, 7, 5, 4, 6), (1, 1, 1, 1, 1), (32, 9, 16, 8, 64),
+                                       (2, 5, 33, 3, 50), (8, 4, 64, 16, 256), (4, 3, 3, 2, 97)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_persistent_matches_per_step(G, T, B, C, H, reverse):
+    dtype = torch.float64
+    p_fwd, p_bwd, ran = _run_cuda("persistent", G, T, B, C, H, dtype, reverse=reverse)
+    fits_f = _C.persistent_plan(G, B, H, 8, False, *_device_limits())["fits"]
+    fits_b = _C.persistent_plan(G, B, H, 8, True, *_device_limits())["fits"]
+    assert ran["forward_persistent"] == int(fits_f) and ran["backward_persistent"] == int(fits_b)
+    s_fwd, s_bwd, ran_s = _run_cuda("per_step", G, T, B, C, H, dtype, reverse=reverse)
+    assert ran_s["forward_persistent"] == 0 and ran_s["backward_persistent"] == 0
+    _assert_all_close(p_fwd, s_fwd, **TOL[dtype])
+    _assert_all_close(p_bwd, s_bwd, rtol=1e-10, atol=1e-10)
+
+
+def _device_limits():
+    p = torch.cuda.get_device_properties(0)
+    return (p.multi_processor_count, p.shared_memory_per_block_optin,
+            p.shared_memory_per_multiprocessor, p.max_threads_per_multi_processor,
+            p.max_threads_per_block)
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_persistent_half_and_single(dtype):
+    fwd, bwd, ran = _run_cuda("persistent", 32, 16, 16, 64, 64, dtype, shared=False)
+    assert ran["forward_persistent"] == 1 and ran["backward_persistent"] == 1
+    fwd64, bwd64, _ = _run_cuda("per_step", 32, 16, 16, 64, 64, torch.float64, shared=False)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    for a, b in zip(fwd[:3], fwd64[:3]):
+        torch.testing.assert_close(a.double(), b, **tol)
+    for a, b in zip(bwd, bwd64):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+@cuda
+def test_cuda_persistent_is_deterministic():
+    runs = [_run_cuda("persistent", 8, 20, 24, 16, 96, torch.float32, seed=3) for _ in range(3)]
+    assert runs[0][2]["forward_persistent"] == 1
+    for fwd, bwd, _ in runs[1:]:
+        for a, b in zip(fwd + bwd, runs[0][0] + runs[0][1]):
+            assert torch.equal(a, b)
+
+
+@cuda
+def test_cuda_persistent_random_sizes_around_the_limits():
+    """Sizes on both sides of the fit limits: fitting ones run persistent, the rest fall back, and
+    every one matches the per-step path."""
+    rng = random.Random(2)
+    limits = _device_limits()
+    sizes = [(rng.randint(1, 40), rng.randint(1, 70), rng.choice([31, 32, 33, 127, 128, 200, 300,
+                                                                 400, 513]))
+             for _ in range(10)]
+    for i, (G, B, H) in enumerate(sizes):
+        fits = _C.persistent_plan(G, B, H, 4, False, *limits)["fits"]
+        fwd, bwd, ran = _run_cuda("persistent", G, 3, B, 5, H, torch.float32, seed=i)
+        assert ran["forward_persistent"] == int(fits)
+        ref_f, ref_b, _ = _run_cuda("per_step", G, 3, B, 5, H, torch.float32, seed=i)
+        _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
+        _assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
+
+
+@cuda
+def test_cuda_forced_persistent_falls_back_when_it_does_not_fit():
+    fwd, _, ran = _run_cuda("persistent", 2, 2, 4, 3, 20000, torch.float32, lengths=False)
+    assert ran["forward_persistent"] == 0 and ran["forward_per_step"] == 1
+    assert torch.isfinite(fwd[0]).all()
