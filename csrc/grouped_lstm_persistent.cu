@@ -89,17 +89,30 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
   persistent_fill_weights_backward(wt_s, q.weight_hh, k, plan.units, q.H, tid, nthreads);
   acc_t dc[kRows], dh_pass[kRows];
   persistent_backward_init<kRows>(q, k, plan.threads_y, tx, ty, dc, dh_pass);
+  const int64_t chunks = (4 * q.H + plan.chunk - 1) / plan.chunk;
   for (int64_t s = 0; s <= q.T; ++s) {  // s == T: grad_h0
-    if (s > 0) persistent_fill_dgates(dg_s, q, k, backward_time(s - 1, q.T, q.reverse), tid, nthreads);
-    __syncthreads();
+    acc_t dh[kRows];  // W_hh^T dgates of loop step s - 1, for the thread's (unit, rows)
+    MTL_UNROLL
+    for (int r = 0; r < kRows; ++r) dh[r] = acc_t(0);
+    if (s > 0) {
+      const int64_t t_prev = backward_time(s - 1, q.T, q.reverse);
+      for (int64_t c = 0; c < chunks; ++c) {  // A, a chunk of dgates columns at a time
+        const int64_t n0 = c * plan.chunk, ncols = chunk_cols(plan, q.H, c);
+        persistent_fill_dgates(dg_s, q, k, t_prev, n0, ncols, tid, nthreads);
+        __syncthreads();
+        persistent_recurrent_grad<kRows>(k, plan.units, plan.threads_y, n0, ncols, wt_s, dg_s, tx,
+                                         ty, dh);
+        __syncthreads();  // dg_s is refilled next
+      }
+    } else {
+      __syncthreads();  // the weights fill, before the first use of wt_s at s == 1
+    }
     if (s == q.T) {
-      persistent_backward_finish<kRows>(q, k, plan.units, plan.threads_y, wt_s, dg_s, tx, ty, dc,
-                                        dh_pass);
+      persistent_backward_finish<kRows>(q, k, plan.threads_y, dh, tx, ty, dc, dh_pass);
       break;
     }
-    persistent_backward_thread<kRows>(q, k, plan.units, plan.threads_y, s,
-                                      backward_time(s, q.T, q.reverse), wt_s, dg_s, tx, ty, dc,
-                                      dh_pass);
+    persistent_backward_thread<kRows>(q, k, plan.threads_y, backward_time(s, q.T, q.reverse), dh,
+                                      tx, ty, dc, dh_pass);  // B
     group_barrier(counter, static_cast<unsigned int>(s + 1) * plan.slices, alone);
   }
 }

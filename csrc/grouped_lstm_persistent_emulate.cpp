@@ -23,17 +23,19 @@ namespace mtl_kernels {
 namespace {
 
 struct Tiling {
-  int64_t units, tile_rows, threads_y;
+  int64_t units, tile_rows, threads_y, chunk;
 };
 thread_local Tiling g_tiling;  // the tiling of the emulated op being run
 
 PersistentPlan checked_plan(int64_t G, int64_t B, int64_t H, bool backward) {
-  const PersistentPlan plan = persistent_plan_from_tiles(G, B, H, backward, g_tiling.units,
-                                                         g_tiling.tile_rows, g_tiling.threads_y);
+  const int64_t chunk = g_tiling.chunk == 0 ? 4 * H : g_tiling.chunk;
+  const PersistentPlan plan = persistent_plan_from_tiles(
+      G, B, H, backward, g_tiling.units, g_tiling.tile_rows, g_tiling.threads_y, chunk);
   TORCH_CHECK(plan.fits, "persistent emulation: invalid tiling units=", g_tiling.units,
-              " tile_rows=", g_tiling.tile_rows, " threads_y=", g_tiling.threads_y, " for B=", B,
-              ", H=", H, " (need 1 <= units <= H, 1 <= threads_y <= tile_rows <= B, and at most ",
-              kPersistentMaxRows, " rows per thread)");
+              " tile_rows=", g_tiling.tile_rows, " threads_y=", g_tiling.threads_y,
+              " chunk=", g_tiling.chunk, " for B=", B, ", H=", H,
+              " (need 1 <= units <= H, 1 <= threads_y <= tile_rows <= B, at most ",
+              kPersistentMaxRows, " rows per thread, and 0 <= chunk <= 4H)");
   return plan;
 }
 
@@ -41,6 +43,7 @@ template <int kRows, typename acc_t>
 struct Registers {
   acc_t a[kRows];
   acc_t b[kRows];
+  acc_t c[kRows];
 };
 
 template <int kRows, typename scalar_t, typename acc_t>
@@ -86,24 +89,32 @@ void emulate_backward(const SequenceBackward<scalar_t, acc_t>& q, const Persiste
       persistent_backward_init<kRows>(q, k, ty_n, tid % units, tid / units, r.a, r.b);
     }
   }
+  const int64_t chunks = ceil_div(4 * q.H, plan.chunk);
   for (int64_t s = 0; s <= q.T; ++s) {  // s == T: the grad_h0 pass
     for (int64_t b = 0; b < plan.blocks; ++b) {
       const PersistentBlock k = block(b);
       scalar_t* tile = &dg_s[b * plan.tile_elems];
       const scalar_t* w = &w_s[b * plan.weight_elems];
+      for (int64_t tid = 0; tid < nthreads; ++tid)  // .c = dh, W_hh^T dgates of step s - 1
+        for (int r = 0; r < kRows; ++r) regs[b * nthreads + tid].c[r] = acc_t(0);
       if (s > 0) {
         const int64_t t_prev = backward_time(s - 1, q.T, q.reverse);
-        for (int64_t tid = 0; tid < nthreads; ++tid)
-          persistent_fill_dgates(tile, q, k, t_prev, tid, nthreads);
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t n0 = c * plan.chunk, ncols = chunk_cols(plan, q.H, c);
+          for (int64_t tid = 0; tid < nthreads; ++tid)
+            persistent_fill_dgates(tile, q, k, t_prev, n0, ncols, tid, nthreads);
+          for (int64_t tid = 0; tid < nthreads; ++tid)
+            persistent_recurrent_grad<kRows>(k, units, ty_n, n0, ncols, w, tile, tid % units,
+                                             tid / units, regs[b * nthreads + tid].c);
+        }
       }
       for (int64_t tid = 0; tid < nthreads; ++tid) {
         auto& r = regs[b * nthreads + tid];
         if (s < q.T) {
-          persistent_backward_thread<kRows>(q, k, units, ty_n, s, backward_time(s, q.T, q.reverse),
-                                            w, tile, tid % units, tid / units, r.a, r.b);
+          persistent_backward_thread<kRows>(q, k, ty_n, backward_time(s, q.T, q.reverse), r.c,
+                                            tid % units, tid / units, r.a, r.b);
         } else {
-          persistent_backward_finish<kRows>(q, k, units, ty_n, w, tile, tid % units, tid / units,
-                                            r.a, r.b);
+          persistent_backward_finish<kRows>(q, k, ty_n, r.c, tid % units, tid / units, r.a, r.b);
         }
       }
     }
@@ -140,7 +151,7 @@ ForwardResult forward_emulated(const at::Tensor& input, const at::Tensor& weight
                                const at::Tensor& h0, const at::Tensor& c0,
                                const std::optional<at::Tensor>& lengths, bool reverse,
                                int64_t units, int64_t tile_rows, int64_t threads_y) {
-  g_tiling = {units, tile_rows, threads_y};
+  g_tiling = {units, tile_rows, threads_y, 0};
   return grouped_lstm_forward_driver(input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse,
                                      kEmulatedKernels);
 }
@@ -151,8 +162,9 @@ BackwardResult backward_emulated(const at::Tensor& grad_output, const at::Tensor
                                  const at::Tensor& gates, const at::Tensor& h_states,
                                  const at::Tensor& c_states,
                                  const std::optional<at::Tensor>& lengths, bool reverse,
-                                 int64_t units, int64_t tile_rows, int64_t threads_y) {
-  g_tiling = {units, tile_rows, threads_y};
+                                 int64_t units, int64_t tile_rows, int64_t threads_y,
+                                 int64_t chunk) {
+  g_tiling = {units, tile_rows, threads_y, chunk};
   return grouped_lstm_backward_driver(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
                                       gates, h_states, c_states, lengths, reverse,
                                       kEmulatedKernels);

@@ -21,10 +21,10 @@
 //      wait for each other (none at all when slices == 1).
 // Backward, per block: the W_hh columns of its units (all 4H rows) in shared memory; dc and the
 // pass-through part of dh in registers. Each step (forward's order reversed):
-//   A. copy dgates_{t+1} of the tile's rows (all 4H, written by the slice blocks in the previous
-//      step) into shared memory;
-//   B. dh_t = dh_pass + W_hh^T dgates_{t+1} for the thread's (unit, rows), the cell backward, writes
-//      dgates_t;
+//   A. copy dgates_{t+1} of the tile's rows (4H columns, written by the slice blocks in the
+//      previous step) into shared memory, and sum W_hh^T dgates_{t+1} for the thread's
+//      (unit, rows); in chunks of columns when a whole row does not fit next to W_hh;
+//   B. dh_t = dh_pass + that sum, the cell backward, writes dgates_t;
 //   then the same barrier. A last A/B pair gives grad_h0 = dh_pass + W_hh^T dgates_{first}.
 // The saved and returned tensors are exactly the per-step path's (grouped_lstm.h), so forward and
 // backward paths mix.
@@ -61,8 +61,9 @@ struct PersistentPlan {
   int64_t tiles = 0;            // ceil(B / tile_rows)
   int64_t threads_y = 0;        // blockDim.y
   int64_t rows_per_thread = 0;  // 1, 2, 4 or 8, >= ceil(tile_rows / threads_y)
+  int64_t chunk = 0;            // backward: dgates columns per shared-memory fill (4H: one fill)
   int64_t weight_elems = 0;     // shared memory: W_hh slice, 4 * units * H
-  int64_t tile_elems = 0;       // shared memory: tile_rows * H (forward) or tile_rows * 4H (backward)
+  int64_t tile_elems = 0;       // shared memory: tile_rows * H (forward) or tile_rows * chunk
   int64_t blocks = 0;           // G * tiles * slices
   int64_t blocks_per_sm = 0;    // estimated from the limits (the CUDA side checks with the driver)
   MTL_HD int64_t threads() const { return units * threads_y; }
@@ -88,11 +89,13 @@ inline int64_t rows_template(int64_t rows) {  // the kRows instance that covers 
 }
 
 // A plan with the tiling given (the emulator's tests sweep these; the CUDA plan below picks them).
+// chunk: the backward's dgates columns per fill, in [1, 4H] (ignored forward).
 inline PersistentPlan persistent_plan_from_tiles(int64_t G, int64_t B, int64_t H, bool backward,
                                                  int64_t units, int64_t tile_rows,
-                                                 int64_t threads_y) {
+                                                 int64_t threads_y, int64_t chunk) {
   PersistentPlan p;
-  if (units < 1 || tile_rows < 1 || threads_y < 1) {  // before any division by them
+  if (!backward) chunk = H;
+  if (units < 1 || tile_rows < 1 || threads_y < 1 || chunk < 1) {  // before dividing by them
     p.reason = "invalid tiling";
     return p;
   }
@@ -103,45 +106,54 @@ inline PersistentPlan persistent_plan_from_tiles(int64_t G, int64_t B, int64_t H
   p.threads_y = threads_y;
   p.rows_per_thread = rows_template(ceil_div(tile_rows, threads_y));
   p.weight_elems = 4 * units * H;
-  p.tile_elems = tile_rows * (backward ? 4 * H : H);
+  p.chunk = chunk;
+  p.tile_elems = tile_rows * chunk;
   p.blocks = G * p.tiles * p.slices;
-  p.fits = units <= H && tile_rows <= B && threads_y <= tile_rows && ceil_div(tile_rows, threads_y) <= kPersistentMaxRows;
+  p.fits = units <= H && tile_rows <= B && threads_y <= tile_rows &&
+           ceil_div(tile_rows, threads_y) <= kPersistentMaxRows && chunk <= (backward ? 4 * H : H);
   p.reason = p.fits ? "" : "invalid tiling";
   return p;
 }
 
-// The plan for a device. Prefers wide slices (fewer blocks per barrier), takes as many rows per
-// tile as shared memory allows, then splits the batch while that still leaves SMs idle. The plan
-// does not fit (and the per-step path runs) when the W_hh slice of even one unit does not fit in
-// shared memory, or when the blocks cannot all be resident at once (a barrier would deadlock).
+// The plan for a device. Prefers wide slices (fewer blocks per barrier), then (backward) whole
+// dgates rows per fill, takes as many rows per tile as shared memory allows, then splits the batch
+// while that still leaves SMs idle. The plan does not fit (and the per-step path runs) when the
+// W_hh slice of even one unit does not fit in shared memory, or when the blocks cannot all be
+// resident at once (the barrier would deadlock).
 inline PersistentPlan persistent_plan(int64_t G, int64_t B, int64_t H, int64_t elem_bytes,
                                       bool backward, const PersistentLimits& lim) {
   PersistentPlan best;
   best.reason = "the W_hh slice of one hidden unit does not fit in shared memory";
-  const int64_t cols = backward ? 4 * H : H;
   const int64_t reserved_per_block = 1024;  // the runtime's own shared memory per block (sm_80+)
+  const int64_t max_threads = std::min<int64_t>(lim.max_threads_per_block, kPersistentMaxThreads);
   for (int64_t units = std::min<int64_t>(H, 32); units >= 1; units = units > 1 ? (units + 1) / 2 : 0) {
     const int64_t w_bytes = PersistentPlan::align16(4 * units * H * elem_bytes);
-    const int64_t rows_smem = (lim.smem_per_block - w_bytes) / (cols * elem_bytes);
-    const int64_t max_threads = std::min<int64_t>(lim.max_threads_per_block, kPersistentMaxThreads);
     const int64_t threads_y_max = std::max<int64_t>(1, max_threads / units);
-    int64_t tile_rows = std::min({B, rows_smem, threads_y_max * kPersistentMaxRows});
-    if (tile_rows < 1) continue;
     const int64_t slices = ceil_div(H, units);
-    while (G * slices * ceil_div(B, ceil_div(tile_rows, 2)) <= lim.num_sms && tile_rows > 4)
-      tile_rows = ceil_div(tile_rows, 2);  // more tiles: more SMs at work, fewer rows per block
-    // About 256 threads, but no more than kPersistentMaxRows rows per thread.
-    int64_t threads_y = std::min(tile_rows, threads_y_max);
-    threads_y = std::max(threads_y, ceil_div(tile_rows, kPersistentMaxRows));
-    PersistentPlan p = persistent_plan_from_tiles(G, B, H, backward, units, tile_rows, threads_y);
-    if (!p.fits) continue;
-    const int64_t smem = p.smem_bytes(elem_bytes) + reserved_per_block;
-    p.blocks_per_sm = std::min(lim.smem_per_sm / smem, lim.max_threads_per_sm / p.threads());
-    if (p.blocks_per_sm < 1 || p.blocks > p.blocks_per_sm * lim.num_sms) {
-      best.reason = "too many blocks to be resident at once";
-      continue;
+    // Backward: 4H columns of dgates per fill, else halves of that down to 32 (or H, if smaller).
+    const int64_t min_chunk = backward ? std::min<int64_t>(32, 4 * H) : H;
+    for (int64_t chunk = backward ? 4 * H : H; chunk >= min_chunk;
+         chunk = chunk > min_chunk ? std::max(min_chunk, ceil_div(chunk, 2)) : 0) {
+      const int64_t rows_smem = (lim.smem_per_block - w_bytes) / (chunk * elem_bytes);
+      int64_t tile_rows = std::min({B, rows_smem, threads_y_max * kPersistentMaxRows});
+      if (tile_rows < 1) continue;
+      while (G * slices * ceil_div(B, ceil_div(tile_rows, 2)) <= lim.num_sms && tile_rows > 4)
+        tile_rows = ceil_div(tile_rows, 2);  // more tiles: more SMs at work, fewer rows per block
+      tile_rows = ceil_div(B, ceil_div(B, tile_rows));  // the same tile count, balanced
+      // As many threads as allowed, but no more than kPersistentMaxRows rows per thread.
+      int64_t threads_y = std::min(tile_rows, threads_y_max);
+      threads_y = std::max(threads_y, ceil_div(tile_rows, kPersistentMaxRows));
+      PersistentPlan p =
+          persistent_plan_from_tiles(G, B, H, backward, units, tile_rows, threads_y, chunk);
+      if (!p.fits) continue;
+      const int64_t smem = p.smem_bytes(elem_bytes) + reserved_per_block;
+      p.blocks_per_sm = std::min(lim.smem_per_sm / smem, lim.max_threads_per_sm / p.threads());
+      if (p.blocks_per_sm < 1 || p.blocks > p.blocks_per_sm * lim.num_sms) {
+        best.reason = "too many blocks to be resident at once";
+        continue;
+      }
+      return p;
     }
-    return p;
   }
   best.fits = false;
   return best;
@@ -328,17 +340,22 @@ MTL_HD void persistent_fill_h(scalar_t* h_s, const SequenceForward<scalar_t, acc
   for (int64_t idx = tid; idx < k.rows * q.H; idx += nthreads) h_s[idx] = load_shared_state(src + idx);
 }
 
-// Backward, phase A: dg_s[r * 4H + n] = dgates_t[g][row0 + r][n].
+// Backward, phase A, one chunk: dg_s[r * ncols + n] = dgates_t[g][row0 + r][n0 + n], n < ncols.
 template <typename scalar_t, typename acc_t>
 MTL_HD void persistent_fill_dgates(scalar_t* dg_s, const SequenceBackward<scalar_t, acc_t>& q,
-                                   const PersistentBlock& k, int64_t t, int64_t tid,
-                                   int64_t nthreads) {
-  const int64_t H4 = 4 * q.H;
-  const scalar_t* src = q.dgates + t * q.gates_st + k.g * q.gates_sg;
-  for (int64_t idx = tid; idx < k.rows * H4; idx += nthreads) {
-    const int64_t r = idx / H4, n = idx % H4;
+                                   const PersistentBlock& k, int64_t t, int64_t n0, int64_t ncols,
+                                   int64_t tid, int64_t nthreads) {
+  const scalar_t* src = q.dgates + t * q.gates_st + k.g * q.gates_sg + n0;
+  for (int64_t idx = tid; idx < k.rows * ncols; idx += nthreads) {
+    const int64_t r = idx / ncols, n = idx % ncols;
     dg_s[idx] = load_shared_state(src + (k.row0 + r) * q.gates_sb + n);
   }
+}
+
+// Backward: the number of columns in chunk c of the plan.
+MTL_HD int64_t chunk_cols(const PersistentPlan& p, int64_t H, int64_t c) {
+  const int64_t left = 4 * H - c * p.chunk;
+  return left < p.chunk ? left : p.chunk;
 }
 
 // ---- per-thread work ------------------------------------------------------------------------
@@ -409,41 +426,34 @@ MTL_UNROLL
   }
 }
 
-// (W_hh^T dgates)[row][unit0 + tx] for the thread's rows; dg_s holds the tile's dgates (all 4H).
+// dh += (W_hh^T dgates)[row][unit0 + tx] over columns [n0, n0 + ncols) of dgates, for the
+// thread's rows; dg_s holds that chunk of the tile's dgates (phase A).
 template <int kRows, typename scalar_t, typename acc_t>
 MTL_HD void persistent_recurrent_grad(const PersistentBlock& k, int64_t units, int64_t threads_y,
-                                      int64_t H, const scalar_t* wt_s, const scalar_t* dg_s,
-                                      int64_t tx, int64_t ty, acc_t (&dh)[kRows]) {
-MTL_UNROLL
-  for (int r = 0; r < kRows; ++r) dh[r] = acc_t(0);
-  for (int64_t n = 0; n < 4 * H; ++n) {
-    const acc_t w = acc_t(wt_s[n * units + tx]);
-MTL_UNROLL
+                                      int64_t n0, int64_t ncols, const scalar_t* wt_s,
+                                      const scalar_t* dg_s, int64_t tx, int64_t ty,
+                                      acc_t (&dh)[kRows]) {
+  if (tx >= k.units) return;
+  for (int64_t n = 0; n < ncols; ++n) {
+    const acc_t w = acc_t(wt_s[(n0 + n) * units + tx]);
+    MTL_UNROLL
     for (int r = 0; r < kRows; ++r) {
       const int64_t row = ty + r * threads_y;
-      if (row < k.rows) dh[r] += w * acc_t(dg_s[row * 4 * H + n]);
+      if (row < k.rows) dh[r] += w * acc_t(dg_s[row * ncols + n]);
     }
   }
 }
 
-// Backward, phase B of loop step s (time t) for thread (tx, ty). For s > 0, dg_s holds the dgates
-// of the previous loop step; at s == 0 only grad_h_n (already in dh_pass) reaches h_t.
+// Backward, phase B of loop step s (time t) for thread (tx, ty): dh is W_hh^T dgates of the
+// previous loop step (0 at s == 0, where only grad_h_n, already in dh_pass, reaches h_t).
 template <int kRows, typename scalar_t, typename acc_t>
 MTL_HD void persistent_backward_thread(const SequenceBackward<scalar_t, acc_t>& q,
-                                       const PersistentBlock& k, int64_t units, int64_t threads_y,
-                                       int64_t s, int64_t t, const scalar_t* wt_s,
-                                       const scalar_t* dg_s, int64_t tx, int64_t ty,
+                                       const PersistentBlock& k, int64_t threads_y, int64_t t,
+                                       const acc_t (&dh)[kRows], int64_t tx, int64_t ty,
                                        acc_t (&dc)[kRows], acc_t (&dh_pass)[kRows]) {
   if (tx >= k.units) return;
-  acc_t dh[kRows];
-  if (s > 0) {
-    persistent_recurrent_grad<kRows>(k, units, threads_y, q.H, wt_s, dg_s, tx, ty, dh);
-  } else {
-MTL_UNROLL
-    for (int r = 0; r < kRows; ++r) dh[r] = acc_t(0);
-  }
   const BackwardStepParams<scalar_t, acc_t> p = backward_step_at(q, t);
-MTL_UNROLL
+  MTL_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t row = ty + r * threads_y;
     if (row < k.rows)
@@ -455,14 +465,11 @@ MTL_UNROLL
 // Backward, after the loop: grad_h0 = dh_pass + W_hh^T dgates of the last loop step, grad_c0 = dc.
 template <int kRows, typename scalar_t, typename acc_t>
 MTL_HD void persistent_backward_finish(const SequenceBackward<scalar_t, acc_t>& q,
-                                       const PersistentBlock& k, int64_t units, int64_t threads_y,
-                                       const scalar_t* wt_s, const scalar_t* dg_s, int64_t tx,
-                                       int64_t ty, const acc_t (&dc)[kRows],
-                                       const acc_t (&dh_pass)[kRows]) {
+                                       const PersistentBlock& k, int64_t threads_y,
+                                       const acc_t (&dh)[kRows], int64_t tx, int64_t ty,
+                                       const acc_t (&dc)[kRows], const acc_t (&dh_pass)[kRows]) {
   if (tx >= k.units) return;
-  acc_t dh[kRows];
-  persistent_recurrent_grad<kRows>(k, units, threads_y, q.H, wt_s, dg_s, tx, ty, dh);
-MTL_UNROLL
+  MTL_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t row = ty + r * threads_y;
     if (row < k.rows) {

@@ -33,10 +33,11 @@ PyObject* py_persistent_plan(PyObject*, PyObject* args) {
   const mtl_kernels::PersistentPlan p =
       mtl_kernels::persistent_plan(G, B, H, elem_bytes, backward != 0, lim);
   return Py_BuildValue(
-      "{s:O,s:s,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "fits", p.fits ? Py_True : Py_False,
+      "{s:O,s:s,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "fits", p.fits ? Py_True : Py_False,
       "reason", p.reason, "units", (long long)p.units, "slices", (long long)p.slices, "tile_rows",
       (long long)p.tile_rows, "tiles", (long long)p.tiles, "threads_y", (long long)p.threads_y,
-      "rows_per_thread", (long long)p.rows_per_thread, "threads", (long long)p.threads(),
+      "rows_per_thread", (long long)p.rows_per_thread, "chunk", (long long)p.chunk,
+      "threads", (long long)p.threads(),
       "smem_bytes", (long long)p.smem_bytes(elem_bytes), "blocks", (long long)p.blocks,
       "blocks_per_sm", (long long)p.blocks_per_sm);
 }
@@ -78,7 +79,7 @@ TORCH_LIBRARY(mtl_kernels, m) {
       "Tensor grad_h0, Tensor grad_c0)");
   // Test hooks: the persistent kernel's work run on the CPU, block by block and thread by thread,
   // with the tiling given (csrc/grouped_lstm_persistent_emulate.cpp). Same arguments and results as
-  // the two ops above plus the tiling.
+  // the two ops above plus the tiling; chunk: dgates columns per shared-memory fill (0: all 4H).
   m.def(
       "_grouped_lstm_forward_emulated(Tensor input, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias, Tensor h0, Tensor c0, Tensor? lengths, bool reverse, int units, "
@@ -87,7 +88,8 @@ TORCH_LIBRARY(mtl_kernels, m) {
   m.def(
       "_grouped_lstm_backward_emulated(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
       "Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor gates, Tensor h_states, "
-      "Tensor c_states, Tensor? lengths, bool reverse, int units, int tile_rows, int threads_y) -> "
+      "Tensor c_states, Tensor? lengths, bool reverse, int units, int tile_rows, int threads_y, "
+      "int chunk) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_h0, Tensor grad_c0)");
   // branches (G, M, H) contiguous, weight (H,), bias (1,) or None.

@@ -49,7 +49,7 @@ def _grouped_lstm_forward_emulated_fake(input, weight_ih, weight_hh, bias, h0, c
 @torch.library.register_fake("mtl_kernels::_grouped_lstm_backward_emulated")
 def _grouped_lstm_backward_emulated_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih,
                                          weight_hh, gates, h_states, c_states, lengths, reverse,
-                                         units, tile_rows, threads_y):
+                                         units, tile_rows, threads_y, chunk):
     return _grouped_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
                                        gates, h_states, c_states, lengths, reverse)
 
