@@ -63,6 +63,11 @@ TILINGS = [
     (1, 3, 2, 2, 1, (1, 2, 1, 3)),
     (4, 2, 1, 3, 5, (2, 1, 1, 19)),
     (2, 7, 16, 3, 33, (32, 16, 2, 33)),  # 8 rows per thread, 2 slices of 32 and 1, 4 chunks
+    # H and chunks multiples of 4: the 4-wide inner loops (forward over h, backward over dgates)
+    (2, 4, 5, 3, 8, (3, 5, 2, 12)),
+    (3, 3, 6, 2, 12, (5, 4, 1, 0)),
+    (1, 2, 3, 2, 4, (4, 3, 3, 8)),
+    (2, 3, 9, 2, 16, (16, 9, 2, 20)),  # 4-wide chunks of 20 and a last one of 4
 ]
 
 
@@ -92,7 +97,7 @@ def test_emulated_persistent_half_and_single(dtype):
     """Against fp64 on the same (rounded) inputs, the emulated kernel is as accurate as the
     per-step path (it keeps the recurrent sums and dh in fp32 registers, the per-step path rounds
     h @ W_hh^T and dh to the input dtype between steps)."""
-    G, T, B, C, H, tiling = 3, 6, 5, 4, 9, (4, 3, 1, 10)
+    G, T, B, C, H, tiling = 3, 6, 5, 4, 12, (5, 3, 1, 16)
     args = _op_args(G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
     args64 = [a.double() if a is not None and a.is_floating_point() else a for a in args]
     truth = ops.grouped_lstm_forward(*args64, False)
