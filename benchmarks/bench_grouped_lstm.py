@@ -7,9 +7,10 @@ For each config (DESIGN.md): forward and forward+backward medians of
              cost at most),
 and the speed-ups loop/grouped and grouped/batched, all measured in the same run.
 
-On CUDA, `grouped` is measured on both recurrence paths: the persistent kernel (`persist`, the
-default wherever its plan fits; the `path` column says what ran forward/backward: P persistent,
-S per-step) and the per-step path (`per-step`). A second table puts the persistent forward's time
+`grouped` is measured on both recurrence paths: the whole-sequence kernel (the default wherever it
+applies: the persistent kernel on a GPU, rows in parallel on the CPU; the `path` column says what
+ran forward/backward: Q whole-sequence, S per-step) and, in the `per-step` column, the per-step path.
+On CUDA, A second table puts the persistent forward's time
 per step next to its floor: FLOPs over the card's FP32 FMA peak, and the per-step cost of the
 barrier and step overhead measured on a minimal case (G=1, B=1, H=64: two slices, one barrier per
 step). The W_hh bytes per step over the measured copy bandwidth are listed as what the per-step
@@ -79,15 +80,14 @@ def bench_config(name, device, dtype, warmup, repeats, min_time):
         batched_fwd().backward(grad_batched)
 
     row = {"config": name, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
+    before = mtl_kernels.path_counts()
+    with mtl_kernels.recurrence_path("persistent"):
+        grouped_fwd_bwd()
     if device.type == "cuda":
-        grouped.requires_grad_(True)
-        before = mtl_kernels.path_counts()
-        with mtl_kernels.recurrence_path("persistent"):
-            grouped_fwd_bwd()
         torch.cuda.synchronize()
-        after = mtl_kernels.path_counts()
-        row["path"] = ("P" if after["forward_persistent"] > before["forward_persistent"] else "S") + "/" + \
-                      ("P" if after["backward_persistent"] > before["backward_persistent"] else "S")
+    after = mtl_kernels.path_counts()
+    row["path"] = ("Q" if after["forward_sequence"] > before["forward_sequence"] else "S") + "/" + \
+                  ("Q" if after["backward_sequence"] > before["backward_sequence"] else "S")
     for label, fns in (("fwd", (loop_fwd, grouped_fwd, batched_fwd)),
                        ("fwd+bwd", (loop_fwd_bwd, grouped_fwd_bwd, batched_fwd_bwd))):
         ctx = torch.no_grad() if label == "fwd" else torch.enable_grad()
@@ -95,15 +95,12 @@ def bench_config(name, device, dtype, warmup, repeats, min_time):
             t_loop, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns[::2])
             with mtl_kernels.recurrence_path("persistent"):
                 t_grouped = median_time(fns[1], device, warmup, repeats, min_time)
-            t_step = None
-            if device.type == "cuda":
-                with mtl_kernels.recurrence_path("per_step"):
-                    t_step = median_time(fns[1], device, warmup, repeats, min_time)
+            with mtl_kernels.recurrence_path("per_step"):
+                t_step = median_time(fns[1], device, warmup, repeats, min_time)
         row[label] = {"loop_ms": t_loop * 1e3, "grouped_ms": t_grouped * 1e3,
                       "batched_ms": t_batched * 1e3, "speedup_vs_loop": t_loop / t_grouped,
                       "grouped_over_batched": t_grouped / t_batched}
-        if t_step is not None:
-            row[label].update({"per_step_ms": t_step * 1e3, "per_step_speedup_vs_loop": t_loop / t_step})
+        row[label].update({"per_step_ms": t_step * 1e3, "per_step_speedup_vs_loop": t_loop / t_step})
     return row
 
 
@@ -186,11 +183,10 @@ def main():
            "tf32": bool(args.tf32) if device.type == "cuda" else None}
     print(f"# GroupedLSTM benchmark: {env}")
     cuda = device.type == "cuda"
-    print("# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.LSTM over G*B)"
-          + ("; grouped = persistent kernel where it fits (path P/S fwd/bwd), per-step = the per-step path"
-             if cuda else ""))
-    step_hdr = f"{'per-step':>9}{'spd':>7}" if cuda else ""
-    hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5}" + (f"{'path':>5}" if cuda else "") + " | "
+    print("# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.LSTM over G*B); "
+          "grouped = whole-sequence kernel where it applies (path Q/S fwd/bwd), per-step = the per-step path")
+    step_hdr = f"{'per-step':>9}{'spd':>7}"
+    hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5}{'path':>5} | "
            f"{'fwd loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr} | "
            f"{'f+b loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr}")
     print(hdr)
@@ -198,14 +194,13 @@ def main():
     rows = []
 
     def step_cols(d):
-        return f"{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x" if cuda else ""
+        return f"{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
 
     for n in names:
         r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time)
         rows.append(r)
         f, fb = r["fwd"], r["fwd+bwd"]
-        print(f"{n:<14}{r['G']:>4}{r['B']:>5}{r['T']:>5}{r['C']:>5}{r['H']:>5}"
-              + (f"{r['path']:>5}" if cuda else "") + " | "
+        print(f"{n:<14}{r['G']:>4}{r['B']:>5}{r['T']:>5}{r['C']:>5}{r['H']:>5}{r['path']:>5} | "
               f"{f['loop_ms']:>9.3f}{f['grouped_ms']:>9.3f}{f['batched_ms']:>9.3f}"
               f"{f['speedup_vs_loop']:>7.2f}x{f['grouped_over_batched']:>6.2f}{step_cols(f)} | "
               f"{fb['loop_ms']:>9.3f}{fb['grouped_ms']:>9.3f}{fb['batched_ms']:>9.3f}"

@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <utility>
 
@@ -14,6 +15,15 @@ void poison_if_enabled(at::Tensor& t) {
     return v != nullptr && v[0] == '1';
   }();
   if (enabled) t.fill_(std::numeric_limits<double>::quiet_NaN());
+}
+
+RecurrencePath recurrence_path() {
+  const char* v = std::getenv("MTL_KERNELS_LSTM_PATH");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return RecurrencePath::kAuto;
+  if (std::strcmp(v, "persistent") == 0) return RecurrencePath::kPersistent;
+  if (std::strcmp(v, "per_step") == 0 || std::strcmp(v, "per-step") == 0)
+    return RecurrencePath::kPerStep;
+  TORCH_CHECK(false, "MTL_KERNELS_LSTM_PATH must be auto, persistent or per_step, got '", v, "'");
 }
 
 namespace {

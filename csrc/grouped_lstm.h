@@ -85,6 +85,12 @@ struct CellKernels {
   bool (*backward_sequence)(const BackwardSequence&) = nullptr;
 };
 
+// MTL_KERNELS_LSTM_PATH: auto (default) | persistent | per_step, read on every call so that tests
+// and benchmarks can switch it (mtl_kernels.recurrence_path). auto and persistent run a backend's
+// whole-sequence kernel wherever it applies (README, "The recurrence: ...").
+enum class RecurrencePath { kAuto, kPersistent, kPerStep };
+RecurrencePath recurrence_path();
+
 #if defined(MTL_KERNELS_WITH_CUDA)
 // The persistent kernel (grouped_lstm_persistent.cu): false when the per-step path must run
 // (MTL_KERNELS_LSTM_PATH=per_step, or the sizes do not fit on chip / cannot be co-resident).

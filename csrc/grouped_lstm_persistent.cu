@@ -12,8 +12,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <cstdlib>
-#include <cstring>
 
 #include "grouped_lstm.h"
 #include "lstm_persistent.h"
@@ -117,20 +115,6 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
   }
 }
 
-enum class RecurrencePath { kAuto, kPersistent, kPerStep };
-
-// MTL_KERNELS_LSTM_PATH: auto (default) | persistent | per_step. Read on every call so that tests
-// and benchmarks can switch it (mtl_kernels.recurrence_path). auto and persistent both run the
-// persistent kernel whenever its plan fits; see README "Choosing the recurrence path".
-RecurrencePath recurrence_path() {
-  const char* v = std::getenv("MTL_KERNELS_LSTM_PATH");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return RecurrencePath::kAuto;
-  if (std::strcmp(v, "persistent") == 0) return RecurrencePath::kPersistent;
-  if (std::strcmp(v, "per_step") == 0 || std::strcmp(v, "per-step") == 0)
-    return RecurrencePath::kPerStep;
-  TORCH_CHECK(false, "MTL_KERNELS_LSTM_PATH must be auto, persistent or per_step, got '", v, "'");
-}
-
 PersistentLimits device_limits(const cudaDeviceProp& p) {
   return {p.multiProcessorCount, static_cast<int64_t>(p.sharedMemPerBlockOptin),
           static_cast<int64_t>(p.sharedMemPerMultiprocessor), p.maxThreadsPerMultiProcessor,
@@ -192,42 +176,38 @@ bool launch_persistent(void (*kernel)(Params, PersistentPlan, unsigned int*), co
   return true;
 }
 
-}  // namespace
-
-bool persistent_forward_cuda(const ForwardSequence& s) {
-  const int64_t G = s.h_states.size(0), B = s.h_states.size(2), H = s.h_states.size(3);
-  const int64_t elem_bytes = s.gates.element_size();
-  const PersistentPlan plan = plan_for(G, B, H, elem_bytes, /*backward=*/false);
-  if (!plan.fits) return false;
-  bool launched = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
-                                  "grouped_lstm_persistent_forward", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const auto q = make_sequence_forward<scalar_t>(s);
-    dispatch_rows(plan.rows_per_thread, [&](auto rows) {
-      launched = launch_persistent(&persistent_forward_kernel<decltype(rows)::value, scalar_t, acc_t>,
-                                   q, plan, elem_bytes, G * plan.tiles, s.gates.options());
-    });
-  });
-  return launched;
-}
-
-bool persistent_backward_cuda(const BackwardSequence& s) {
+// Plans and launches one direction of the recurrence; false when the per-step path must run.
+// c_states (G, T+1, B, H) gives the sizes in both directions.
+template <bool kBackward, typename Sequence>
+bool run_persistent(const Sequence& s) {
   const int64_t G = s.c_states.size(0), B = s.c_states.size(2), H = s.c_states.size(3);
   const int64_t elem_bytes = s.gates.element_size();
-  const PersistentPlan plan = plan_for(G, B, H, elem_bytes, /*backward=*/true);
+  const PersistentPlan plan = plan_for(G, B, H, elem_bytes, kBackward);
   if (!plan.fits) return false;
   bool launched = false;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
-                                  "grouped_lstm_persistent_backward", [&] {
+                                  "grouped_lstm_persistent", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const auto q = make_sequence_backward<scalar_t>(s);
     dispatch_rows(plan.rows_per_thread, [&](auto rows) {
-      launched = launch_persistent(&persistent_backward_kernel<decltype(rows)::value, scalar_t, acc_t>,
-                                   q, plan, elem_bytes, G * plan.tiles, s.gates.options());
+      constexpr int kRows = decltype(rows)::value;
+      if constexpr (kBackward) {
+        launched = launch_persistent(&persistent_backward_kernel<kRows, scalar_t, acc_t>,
+                                     make_sequence_backward<scalar_t>(s), plan, elem_bytes,
+                                     G * plan.tiles, s.gates.options());
+      } else {
+        launched = launch_persistent(&persistent_forward_kernel<kRows, scalar_t, acc_t>,
+                                     make_sequence_forward<scalar_t>(s), plan, elem_bytes,
+                                     G * plan.tiles, s.gates.options());
+      }
     });
   });
   return launched;
 }
+
+}  // namespace
+
+bool persistent_forward_cuda(const ForwardSequence& s) { return run_persistent<false>(s); }
+
+bool persistent_backward_cuda(const BackwardSequence& s) { return run_persistent<true>(s); }
 
 }  // namespace mtl_kernels

@@ -19,13 +19,14 @@ _PATHS = ("auto", "persistent", "per_step")
 
 @contextlib.contextmanager
 def recurrence_path(path: str):
-    """Choose how GroupedLSTM runs its recurrence on the GPU, within a ``with`` block.
+    """Choose how GroupedLSTM runs its recurrence, within a ``with`` block.
 
-    ``"auto"`` (the default) and ``"persistent"``: the persistent kernel (all time steps in one
-    launch) whenever its plan fits the device (W_hh slices in shared memory, all blocks resident
-    at once), else the per-step path. ``"per_step"``: one batched GEMM and one cell kernel per step.
-    The same as setting the environment variable ``MTL_KERNELS_LSTM_PATH``. The CPU always runs
-    its per-step kernels.
+    ``"auto"`` (the default) and ``"persistent"``: the whole sequence in one kernel wherever that
+    applies, else the per-step path. On a GPU that is the persistent kernel (all time steps in one
+    launch), where its plan fits the device (W_hh slices in shared memory, all blocks resident at
+    once); on the CPU, rows in parallel for all steps, for hidden sizes up to 128.
+    ``"per_step"``: one batched GEMM and one cell kernel per step. The same as setting the
+    environment variable ``MTL_KERNELS_LSTM_PATH``.
     """
     if path not in _PATHS:
         raise ValueError(f"recurrence_path must be one of {_PATHS}, got {path!r}")
@@ -42,9 +43,11 @@ def recurrence_path(path: str):
 
 def path_counts() -> dict:
     """How many single-layer, single-direction recurrences ran on each path since import:
-    ``{"forward_persistent", "forward_per_step", "backward_persistent", "backward_per_step"}``."""
+    ``{"forward_sequence", "forward_per_step", "backward_sequence", "backward_per_step"}``, where
+    "sequence" is the whole-sequence kernel (the persistent kernel on a GPU, rows in parallel on
+    the CPU; the CPU emulator test hook counts too)."""
     fs, fp, bs, bp = _C.path_counts()
-    return {"forward_persistent": fs, "forward_per_step": fp, "backward_persistent": bs,
+    return {"forward_sequence": fs, "forward_per_step": fp, "backward_sequence": bs,
             "backward_per_step": bp}
 
 _LSTM_CONFIG = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",

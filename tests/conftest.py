@@ -7,18 +7,19 @@ os.environ.setdefault("MTL_KERNELS_POISON", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# On a GPU every device-parametrised test runs twice: with the persistent grouped-LSTM kernel
-# (where its plan fits) and with the per-step path.
+# Every device-parametrised test runs on both grouped-LSTM recurrence paths: the whole-sequence
+# kernel (the persistent kernel on a GPU, where its plan fits; rows in parallel on the CPU, for
+# H <= 128) and the per-step path.
 CUDA_PATHS = ["persistent", "per_step"]
-DEVICES = ["cpu"] + ([f"cuda-{p}" for p in CUDA_PATHS] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", "cpu-per_step"] + (
+    [f"cuda-{p}" for p in CUDA_PATHS] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=DEVICES)
 def device(request, monkeypatch):
-    if request.param.startswith("cuda-"):
-        monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", request.param[len("cuda-"):])
-        return torch.device("cuda")
-    return torch.device(request.param)
+    kind, _, path = request.param.partition("-")
+    monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", path or "auto")
+    return torch.device(kind)
 
 
 @pytest.fixture(params=CUDA_PATHS)

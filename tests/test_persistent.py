@@ -237,19 +237,57 @@ def test_plan_does_not_fit_when_one_unit_exceeds_shared_memory():
     assert not p["fits"] and "resident" in p["reason"]
 
 
+def _ran(fn):
+    before = mtl_kernels.path_counts()
+    fn()
+    after = mtl_kernels.path_counts()
+    return {k: after[k] - before[k] for k in after}
+
+
 def test_recurrence_path_switch_and_cpu_counts():
     with pytest.raises(ValueError):
         with mtl_kernels.recurrence_path("fast"):
             pass
-    before = mtl_kernels.path_counts()
-    m = GroupedLSTM(2, 3, 4)
+    small, large = GroupedLSTM(2, 3, 4), GroupedLSTM(2, 3, 129)
+    x = torch.randn(5, 2, 3)
+    with mtl_kernels.recurrence_path("auto"):  # the CPU runs rows in parallel up to H = 128
+        ran = _ran(lambda: small(x)[0].sum().backward())
+        assert ran == {"forward_sequence": 1, "forward_per_step": 0, "backward_sequence": 1,
+                       "backward_per_step": 0}
+        ran = _ran(lambda: large(x)[0].sum().backward())
+        assert ran["forward_per_step"] == 1 and ran["backward_per_step"] == 1
+    with mtl_kernels.recurrence_path("per_step"):
+        ran = _ran(lambda: small(x)[0].sum().backward())
+        assert ran["forward_per_step"] == 1 and ran["backward_per_step"] == 1
     with mtl_kernels.recurrence_path("persistent"):
-        m(torch.randn(5, 2, 3))[0].sum().backward()
-    after = mtl_kernels.path_counts()
-    # the CPU runs its per-step kernels whatever the setting
-    assert after["forward_per_step"] == before["forward_per_step"] + 1
-    assert after["backward_per_step"] == before["backward_per_step"] + 1
-    assert after["forward_persistent"] == before["forward_persistent"]
+        ran = _ran(lambda: small(x)[0].sum().backward())
+        assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
+
+
+def test_invalid_path_variable_raises(monkeypatch):
+    monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", "fastest")
+    with pytest.raises(RuntimeError, match="MTL_KERNELS_LSTM_PATH must be"):
+        GroupedLSTM(2, 3, 4)(torch.randn(5, 2, 3))
+
+
+@pytest.mark.parametrize("H", [1, 5, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cpu_row_parallel_matches_per_step(H, dtype, monkeypatch):
+    """The CPU's whole-sequence path (rows in parallel, its own W_hh products) against its
+    per-step path (MKL batched GEMMs), forward and backward, with lengths, both directions."""
+    G, T, B, C = 3, 6, 5, 4
+    for reverse in (False, True):
+        args = _op_args(G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
+        x, w_ih, w_hh, _, _, _, L = args
+        grads = _grads(G, T, B, H, dtype)
+        results = {}
+        for path in ("auto", "per_step"):
+            monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", path)
+            fwd = ops.grouped_lstm_forward(*args, reverse)
+            bwd = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *fwd[3:], L, reverse)
+            results[path] = fwd + bwd
+        tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
+        _assert_all_close(results["auto"], results["per_step"], **tol)
 
 
 # ---- the real kernel, on a GPU ------------------------------------------------------------------
@@ -280,9 +318,9 @@ def test_cuda_persistent_matches_per_step(G, T, B, C, H, reverse):
     p_fwd, p_bwd, ran = _run_cuda("persistent", G, T, B, C, H, dtype, reverse=reverse)
     fits_f = _C.persistent_plan(G, B, H, 8, False, *_device_limits())["fits"]
     fits_b = _C.persistent_plan(G, B, H, 8, True, *_device_limits())["fits"]
-    assert ran["forward_persistent"] == int(fits_f) and ran["backward_persistent"] == int(fits_b)
+    assert ran["forward_sequence"] == int(fits_f) and ran["backward_sequence"] == int(fits_b)
     s_fwd, s_bwd, ran_s = _run_cuda("per_step", G, T, B, C, H, dtype, reverse=reverse)
-    assert ran_s["forward_persistent"] == 0 and ran_s["backward_persistent"] == 0
+    assert ran_s["forward_sequence"] == 0 and ran_s["backward_sequence"] == 0
     _assert_all_close(p_fwd, s_fwd, **TOL[dtype])
     _assert_all_close(p_bwd, s_bwd, rtol=1e-10, atol=1e-10)
 
@@ -298,7 +336,7 @@ def _device_limits():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_persistent_half_and_single(dtype):
     fwd, bwd, ran = _run_cuda("persistent", 32, 16, 16, 64, 64, dtype, shared=False)
-    assert ran["forward_persistent"] == 1 and ran["backward_persistent"] == 1
+    assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
     fwd64, bwd64, _ = _run_cuda("per_step", 32, 16, 16, 64, 64, torch.float64, shared=False)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
     for a, b in zip(fwd[:3], fwd64[:3]):
@@ -310,7 +348,7 @@ def test_cuda_persistent_half_and_single(dtype):
 @cuda
 def test_cuda_persistent_is_deterministic():
     runs = [_run_cuda("persistent", 8, 20, 24, 16, 96, torch.float32, seed=3) for _ in range(3)]
-    assert runs[0][2]["forward_persistent"] == 1
+    assert runs[0][2]["forward_sequence"] == 1
     for fwd, bwd, _ in runs[1:]:
         for a, b in zip(fwd + bwd, runs[0][0] + runs[0][1]):
             assert torch.equal(a, b)
@@ -328,7 +366,7 @@ def test_cuda_persistent_random_sizes_around_the_limits():
     for i, (G, B, H) in enumerate(sizes):
         fits = _C.persistent_plan(G, B, H, 4, False, *limits)["fits"]
         fwd, bwd, ran = _run_cuda("persistent", G, 3, B, 5, H, torch.float32, seed=i)
-        assert ran["forward_persistent"] == int(fits)
+        assert ran["forward_sequence"] == int(fits)
         ref_f, ref_b, _ = _run_cuda("per_step", G, 3, B, 5, H, torch.float32, seed=i)
         _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
         _assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
@@ -337,5 +375,5 @@ def test_cuda_persistent_random_sizes_around_the_limits():
 @cuda
 def test_cuda_forced_persistent_falls_back_when_it_does_not_fit():
     fwd, _, ran = _run_cuda("persistent", 2, 2, 4, 3, 20000, torch.float32, lengths=False)
-    assert ran["forward_persistent"] == 0 and ran["forward_per_step"] == 1
+    assert ran["forward_sequence"] == 0 and ran["forward_per_step"] == 1
     assert torch.isfinite(fwd[0]).all()
