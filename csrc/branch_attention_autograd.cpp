@@ -5,7 +5,9 @@
 // the backward closure, the custom-op machinery) cost ~100 us per forward+backward, which is
 // more than the whole unfused stack + Linear + softmax + sum it replaces. A C++ Function is what
 // the built-in ops use; torch.compile and opcheck see it like any autograd kernel (as in
-// torchvision's ops), and the fake implementations stay in Python (_ops.py).
+// torchvision's ops), and the fake implementations stay in Python (_ops.py). Under
+// backward(create_graph=True) the backward is a differentiable composite, so double backward works.
+#include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -21,6 +23,38 @@ using ForwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&,
     const std::optional<at::Tensor>&, const at::Tensor&);
+
+// A backward that autograd can differentiate again: the forward recomputed from the saved inputs
+// in differentiable ATen ops (scores, softmax over branches, weighted sum), then its
+// vector-Jacobian product with create_graph. Only runs under backward(create_graph=True).
+variable_list composite_backward(const at::Tensor& branches, const at::Tensor& weight,
+                                 const at::Tensor& bias, const variable_list& grads) {
+  const std::vector<at::Tensor> candidates{branches, weight, bias};
+  variable_list inputs;
+  for (const auto& t : candidates)
+    if (t.defined() && t.requires_grad()) inputs.push_back(t);
+  if (inputs.empty()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+  at::Tensor scores = at::matmul(branches, weight);  // (G, M)
+  if (bias.defined()) scores = scores + bias;
+  const at::Tensor p = at::softmax(scores, 0);                      // (G, M)
+  const at::Tensor out = (p.unsqueeze(-1) * branches).sum(0);       // (M, H)
+  variable_list outputs, grad_outputs;
+  if (grads[0].defined()) {
+    outputs.push_back(out);
+    grad_outputs.push_back(grads[0]);
+  }
+  if (grads[1].defined()) {
+    outputs.push_back(p);
+    grad_outputs.push_back(grads[1]);
+  }
+  const variable_list d = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/true,
+                                                /*create_graph=*/true, /*allow_unused=*/true);
+  variable_list result;
+  size_t next = 0;
+  for (const auto& t : candidates)
+    result.push_back(t.defined() && t.requires_grad() ? d[next++] : at::Tensor());
+  return result;
+}
 
 class BranchAttentionFunction : public torch::autograd::Function<BranchAttentionFunction> {
  public:
@@ -53,6 +87,9 @@ class BranchAttentionFunction : public torch::autograd::Function<BranchAttention
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const std::optional<at::Tensor> bias = has_bias ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
     const at::Tensor& lse = saved[3];
+    if (at::GradMode::is_enabled()) {  // backward(create_graph=True): for a double backward
+      return composite_backward(branches, weight, has_bias ? saved[2] : at::Tensor(), grads);
+    }
     at::Tensor grad_out = grads[0].defined() ? grads[0] : at::zeros_like(branches[0]);
     const std::optional<at::Tensor> grad_weights =
         grads[1].defined() ? std::optional<at::Tensor>(grads[1]) : std::nullopt;

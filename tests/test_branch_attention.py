@@ -64,6 +64,29 @@ def test_gradcheck(device, shape, bias):
     assert torch.autograd.gradcheck(f, (x, w) + ((b,) if bias else ()))
 
 
+@pytest.mark.parametrize("bias,return_weights", [(True, True), (False, True), (True, False)])
+def test_gradgradcheck(device, bias, return_weights):
+    x, w, b = _inputs((3, 4, 5), device, torch.float64, bias)
+
+    def f(x, w, *b):
+        return branch_attention(x, w, b[0] if b else None, return_weights=return_weights)
+
+    assert torch.autograd.gradgradcheck(f, (x, w) + ((b,) if bias else ()))
+
+
+def test_differentiable_backward_equals_the_kernel_backward(device):
+    """backward(create_graph=True) runs a composite backward (so it can be differentiated
+    again); it must give the kernel's gradients."""
+    x, w, b = _inputs((4, 6, 7), device, torch.float64)
+    out, weights = branch_attention(x, w, b, return_weights=True)
+    cot = (torch.randn_like(out), torch.randn_like(weights))
+    kernel = torch.autograd.grad((out, weights), (x, w, b), cot, retain_graph=True)
+    composite = torch.autograd.grad((out, weights), (x, w, b), cot, create_graph=True)
+    assert all(g.requires_grad for g in composite)
+    for a, r in zip(composite, kernel):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+
+
 def test_bias_gradient_is_zero(device):
     # softmax ignores a shift shared by all branches, so the bias gradient vanishes; computed,
     # not special-cased: it is the sum of the score gradients.

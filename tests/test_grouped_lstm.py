@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mtl_kernels import GroupedLSTM
-from mtl_kernels._ops import ops
+from mtl_kernels._ops import grouped_lstm_composite, grouped_lstm_layer, ops
 from mtl_kernels.reference import LSTMLoop
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}
@@ -253,6 +253,34 @@ def test_gradcheck_op(device, shared, with_len, reverse):
         return out, h_n, c_n
 
     assert torch.autograd.gradcheck(f, args[:6])
+
+
+@pytest.mark.parametrize("shared,with_len,reverse", [(True, True, False), (False, True, True),
+                                                      (False, False, False)])
+def test_gradgradcheck_op(device, shared, with_len, reverse):
+    """Double backward: under create_graph the backward is a composite of torch ops."""
+    args = _op_args(shared, with_len, reverse, device, G=2, T=3, B=2, C=2, H=2)
+
+    def f(x, w_ih, w_hh, b, h0, c0):
+        return grouped_lstm_layer(x, w_ih, w_hh, b, h0, c0, args[6], reverse)
+
+    assert torch.autograd.gradgradcheck(f, args[:6])
+
+
+@pytest.mark.parametrize("shared,with_len,reverse", [(True, True, True), (False, True, False)])
+def test_composite_matches_the_kernels(device, shared, with_len, reverse):
+    """The composite that double backward differentiates is the op's function: same forward,
+    and backward(create_graph=True) gives the kernels' gradients."""
+    args = _op_args(shared, with_len, reverse, device, G=3, T=5, B=3, C=3, H=5)
+    kernel_out = grouped_lstm_layer(*args[:6], args[6], reverse)
+    for a, r in zip(grouped_lstm_composite(*args[:6], args[6], reverse), kernel_out):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    cot = [torch.randn_like(o) for o in kernel_out]
+    kernel = torch.autograd.grad(kernel_out, args[:6], cot, retain_graph=True)
+    composite = torch.autograd.grad(kernel_out, args[:6], cot, create_graph=True)
+    for a, r in zip(composite, kernel):
+        assert a.requires_grad
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
 
 
 def test_gradcheck_module_bidirectional_two_layers_lengths_hx(device):
