@@ -44,7 +44,7 @@ CONFIGS = {
 }
 
 
-def bench_config(name, device, dtype, warmup, repeats, min_time):
+def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="persistent"):
     G, B, T, C, H, kind = CONFIGS[name]
     torch.manual_seed(0)
     lstms = nn.ModuleList([nn.LSTM(C, H) for _ in range(G)]).to(device, dtype)
@@ -81,7 +81,7 @@ def bench_config(name, device, dtype, warmup, repeats, min_time):
 
     row = {"config": name, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
     before = mtl_kernels.path_counts()
-    with mtl_kernels.recurrence_path("persistent"):
+    with mtl_kernels.recurrence_path(grouped_path):
         grouped_fwd_bwd()
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -93,7 +93,7 @@ def bench_config(name, device, dtype, warmup, repeats, min_time):
         ctx = torch.no_grad() if label == "fwd" else torch.enable_grad()
         with ctx:
             t_loop, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns[::2])
-            with mtl_kernels.recurrence_path("persistent"):
+            with mtl_kernels.recurrence_path(grouped_path):
                 t_grouped = median_time(fns[1], device, warmup, repeats, min_time)
             with mtl_kernels.recurrence_path("per_step"):
                 t_step = median_time(fns[1], device, warmup, repeats, min_time)
@@ -164,6 +164,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds to keep timing small cases")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 (cuDNN and cuBLAS) on CUDA")
+    ap.add_argument("--grouped-path", default="persistent", choices=["persistent", "per_step"],
+                    help="the path of the 'grouped' column (per_step: skip the whole-sequence kernels)")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -197,7 +199,7 @@ def main():
         return f"{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
 
     for n in names:
-        r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time)
+        r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time, args.grouped_path)
         rows.append(r)
         f, fb = r["fwd"], r["fwd+bwd"]
         print(f"{n:<14}{r['G']:>4}{r['B']:>5}{r['T']:>5}{r['C']:>5}{r['H']:>5}{r['path']:>5} | "
@@ -205,7 +207,7 @@ def main():
               f"{f['speedup_vs_loop']:>7.2f}x{f['grouped_over_batched']:>6.2f}{step_cols(f)} | "
               f"{fb['loop_ms']:>9.3f}{fb['grouped_ms']:>9.3f}{fb['batched_ms']:>9.3f}"
               f"{fb['speedup_vs_loop']:>7.2f}x{fb['grouped_over_batched']:>6.2f}{step_cols(fb)}", flush=True)
-    if cuda:
+    if cuda and args.grouped_path == "persistent":
         env["floor"] = print_floor_table(rows, device, dtype, args)
     if args.json:
         with open(args.json, "w") as fh:

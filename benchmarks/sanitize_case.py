@@ -1,13 +1,21 @@
 """A small forward+backward through every CUDA kernel, for compute-sanitizer (device_check.sh):
 both grouped-LSTM recurrence paths (the persistent kernel with one slice per group and with several,
-which exercises the inter-block barrier), lengths, both directions, and branch attention."""
+which exercises the inter-block barrier), lengths, both directions, and branch attention.
+
+  python benchmarks/sanitize_case.py [per_step] [persistent]     (default: both)
+"""
+import os
+import sys
+
 import torch
 
-import mtl_kernels
-from mtl_kernels import GroupedLSTM, branch_attention
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import mtl_kernels  # noqa: E402
+from mtl_kernels import GroupedLSTM, branch_attention  # noqa: E402
 
 torch.manual_seed(0)
-for path in ("per_step", "persistent"):
+for path in sys.argv[1:] or ("per_step", "persistent"):
     before = mtl_kernels.path_counts()
     with mtl_kernels.recurrence_path(path):
         for dtype in (torch.float32, torch.bfloat16):
