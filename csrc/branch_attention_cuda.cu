@@ -36,6 +36,15 @@ __device__ __forceinline__ void load_row(const scalar_t* row, int lane, int64_t 
   }
 }
 
+// Branch rows a warp keeps in flight: its loop over g is a chain (score -> softmax update), so
+// with one row prefetched a grid of one wave (M = 8192 rows) was bound by that chain's latency,
+// not by bandwidth (~40% of copy bandwidth on an H200). A ring of D rows keeps D loads in flight
+// per warp; D * K registers per lane stay at or under 64.
+template <int K>
+constexpr int prefetch_depth() {
+  return K <= 4 ? 8 : K <= 8 ? 4 : K <= 16 ? 2 : 1;
+}
+
 template <typename scalar_t, typename acc_t, int K>
 __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ w_ptr,
@@ -49,26 +58,32 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   load_row(w_ptr, lane, H, w);
   const acc_t bias = bias_ptr ? acc_t(*bias_ptr) : acc_t(0);
 
+  constexpr int D = prefetch_depth<K>();
   for (int64_t m = warp; m < M; m += nwarps) {
-    acc_t acc[K], cur[K], nxt[K];
+    acc_t acc[K], ring[D][K];  // ring[d]: branch g with g % D == d, loaded D branches ahead
 #pragma unroll
     for (int k = 0; k < K; ++k) acc[k] = acc_t(0);
-    load_row(x + m * H, lane, H, nxt);
+#pragma unroll
+    for (int d = 0; d < D; ++d)
+      if (d < G) load_row(x + (d * M + m) * H, lane, H, ring[d]);
     OnlineSoftmax<acc_t> sm;
     sm.init(-std::numeric_limits<acc_t>::infinity());
-    for (int64_t g = 0; g < G; ++g) {
+    for (int64_t g0 = 0; g0 < G; g0 += D) {
 #pragma unroll
-      for (int k = 0; k < K; ++k) cur[k] = nxt[k];
-      if (g + 1 < G) load_row(x + ((g + 1) * M + m) * H, lane, H, nxt);  // prefetch next branch
-      acc_t dot = 0;
+      for (int d = 0; d < D; ++d) {  // d is a constant after unrolling: ring stays in registers
+        const int64_t g = g0 + d;
+        if (g >= G) break;  // warp-uniform
+        acc_t dot = 0;
 #pragma unroll
-      for (int k = 0; k < K; ++k) dot += cur[k] * w[k];
-      const acc_t s = warp_sum(dot) + bias;
-      if (lane == 0) scores[g * M + m] = s;
-      acc_t rescale, p;
-      sm.update(s, rescale, p);
+        for (int k = 0; k < K; ++k) dot += ring[d][k] * w[k];
+        const acc_t s = warp_sum(dot) + bias;
+        if (lane == 0) scores[g * M + m] = s;
+        acc_t rescale, p;
+        sm.update(s, rescale, p);
 #pragma unroll
-      for (int k = 0; k < K; ++k) acc[k] = acc[k] * rescale + p * cur[k];
+        for (int k = 0; k < K; ++k) acc[k] = acc[k] * rescale + p * ring[d][k];
+        if (g + D < G) load_row(x + ((g + D) * M + m) * H, lane, H, ring[d]);
+      }
     }
     const acc_t inv = acc_t(1) / sm.sum;
 #pragma unroll
@@ -107,36 +122,42 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
   acc_t* p_s = pa_scratch;
   acc_t* a_s = pa_scratch + G * M;
 
+  constexpr int D = prefetch_depth<K>();
   for (int64_t m = warp; m < M; m += nwarps) {
-    acc_t dout[K], u[K], o[K], cur[K], nxt[K];
+    acc_t dout[K], u[K], o[K], ring[D][K];
     load_row(gout + m * H, lane, H, dout);
 #pragma unroll
     for (int k = 0; k < K; ++k) u[k] = o[k] = acc_t(0);
     const acc_t lse_m = lse[m];
     acc_t abar = 0;
-    load_row(x + m * H, lane, H, nxt);
-    for (int64_t g = 0; g < G; ++g) {  // pass 1: the only read of x
 #pragma unroll
-      for (int k = 0; k < K; ++k) cur[k] = nxt[k];
-      if (g + 1 < G) load_row(x + ((g + 1) * M + m) * H, lane, H, nxt);
-      acc_t sdot = 0, adot = 0;
+    for (int d = 0; d < D; ++d)
+      if (d < G) load_row(x + (d * M + m) * H, lane, H, ring[d]);
+    for (int64_t g0 = 0; g0 < G; g0 += D) {  // pass 1: the only read of x
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        sdot += cur[k] * w[k];
-        adot += cur[k] * dout[k];
-      }
-      const acc_t s = warp_sum(sdot) + bias;
-      const acc_t a = warp_sum(adot) + (gweights ? acc_t(gweights[g * M + m]) : acc_t(0));
-      const acc_t p = exp_acc(s - lse_m);
-      abar += p * a;
+      for (int d = 0; d < D; ++d) {
+        const int64_t g = g0 + d;
+        if (g >= G) break;  // warp-uniform
+        acc_t sdot = 0, adot = 0;
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        o[k] += p * cur[k];
-        u[k] += p * a * cur[k];
-      }
-      if (lane == 0) {
-        p_s[g * M + m] = p;
-        a_s[g * M + m] = a;
+        for (int k = 0; k < K; ++k) {
+          sdot += ring[d][k] * w[k];
+          adot += ring[d][k] * dout[k];
+        }
+        const acc_t s = warp_sum(sdot) + bias;
+        const acc_t a = warp_sum(adot) + (gweights ? acc_t(gweights[g * M + m]) : acc_t(0));
+        const acc_t p = exp_acc(s - lse_m);
+        abar += p * a;
+#pragma unroll
+        for (int k = 0; k < K; ++k) {
+          o[k] += p * ring[d][k];
+          u[k] += p * a * ring[d][k];
+        }
+        if (lane == 0) {
+          p_s[g * M + m] = p;
+          a_s[g * M + m] = a;
+        }
+        if (g + D < G) load_row(x + ((g + D) * M + m) * H, lane, H, ring[d]);
       }
     }
 #pragma unroll
