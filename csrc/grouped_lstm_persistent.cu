@@ -12,7 +12,6 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-
 #include "grouped_lstm.h"
 #include "lstm_persistent.h"
 #include "step_params.h"
@@ -67,7 +66,7 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
     persistent_fill_h(h_s, q, k, t, tid, nthreads);  // A: h_{t-1} of the tile
     __syncthreads();
     persistent_forward_thread<kRows>(q, k, plan.units, plan.threads_y, t, w_s, h_s, tx, ty, c);  // B
-    group_barrier(counter, static_cast<unsigned int>(s + 1) * plan.slices, alone);
+    if (s + 1 < q.T) group_barrier(counter, static_cast<unsigned int>(s + 1) * plan.slices, alone);
   }
 }
 
