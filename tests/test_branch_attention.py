@@ -167,3 +167,23 @@ def test_errors():
         branch_attention(torch.randn(5), torch.randn(5))
     with pytest.raises(RuntimeError, match="must be contiguous"):
         ops.branch_attention_forward(x.transpose(0, 1), torch.randn(5), None)
+
+
+def test_torch_compile_aot_eager_through_the_cpp_autograd():
+    """The op's autograd is a C++ Function at the Autograd key; AOTAutograd traces through it
+    (with the Python fake implementations) and gives the eager results and gradients."""
+    x, w, b = _inputs((3, 6, 5), "cpu", torch.float32)
+
+    def f(x, w, b):
+        out, weights = branch_attention(x, w, b, return_weights=True)
+        return out * 2, weights
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    got, want = compiled(x, w, b), f(x, w, b)
+    for a, r in zip(got, want):
+        torch.testing.assert_close(a, r)
+    cot = [torch.randn_like(t) for t in want]
+    g_got = torch.autograd.grad(got, (x, w, b), cot)
+    g_want = torch.autograd.grad(want, (x, w, b), cot)
+    for a, r in zip(g_got, g_want):
+        torch.testing.assert_close(a, r)
