@@ -12,6 +12,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "autograd_util.h"
+
 namespace mtl_kernels {
 namespace {
 
@@ -29,31 +31,11 @@ using BackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
 // vector-Jacobian product with create_graph. Only runs under backward(create_graph=True).
 variable_list composite_backward(const at::Tensor& branches, const at::Tensor& weight,
                                  const at::Tensor& bias, const variable_list& grads) {
-  const std::vector<at::Tensor> candidates{branches, weight, bias};
-  variable_list inputs;
-  for (const auto& t : candidates)
-    if (t.defined() && t.requires_grad()) inputs.push_back(t);
-  if (inputs.empty()) return {at::Tensor(), at::Tensor(), at::Tensor()};
   at::Tensor scores = at::matmul(branches, weight);  // (G, M)
   if (bias.defined()) scores = scores + bias;
-  const at::Tensor p = at::softmax(scores, 0);                      // (G, M)
-  const at::Tensor out = (p.unsqueeze(-1) * branches).sum(0);       // (M, H)
-  variable_list outputs, grad_outputs;
-  if (grads[0].defined()) {
-    outputs.push_back(out);
-    grad_outputs.push_back(grads[0]);
-  }
-  if (grads[1].defined()) {
-    outputs.push_back(p);
-    grad_outputs.push_back(grads[1]);
-  }
-  const variable_list d = torch::autograd::grad(outputs, inputs, grad_outputs, /*retain_graph=*/true,
-                                                /*create_graph=*/true, /*allow_unused=*/true);
-  variable_list result;
-  size_t next = 0;
-  for (const auto& t : candidates)
-    result.push_back(t.defined() && t.requires_grad() ? d[next++] : at::Tensor());
-  return result;
+  const at::Tensor p = at::softmax(scores, 0);                 // (G, M)
+  const at::Tensor out = (p.unsqueeze(-1) * branches).sum(0);  // (M, H)
+  return vjp_create_graph({out, p}, {grads[0], grads[1]}, {branches, weight, bias});
 }
 
 class BranchAttentionFunction : public torch::autograd::Function<BranchAttentionFunction> {

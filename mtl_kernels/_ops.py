@@ -54,79 +54,8 @@ def _grouped_lstm_backward_emulated_fake(grad_output, grad_h_n, grad_c_n, input,
                                        gates, h_states, c_states, lengths, reverse)
 
 
-def _grouped_lstm_setup_context(ctx, inputs, output):
-    input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse = inputs
-    _, _, _, gates, h_states, c_states = output
-    # bias, h0, c0 only for a double backward (the composite recompute below): references, no copies
-    ctx.save_for_backward(input, weight_ih, weight_hh, gates, h_states, c_states, lengths, bias, h0, c0)
-    ctx.reverse = reverse
-    ctx.mark_non_differentiable(gates, h_states, c_states)
-    ctx.set_materialize_grads(False)  # no zero tensors for outputs nobody used (gates is large)
-
-
-def _grouped_lstm_backward(ctx, grad_output, grad_h_n, grad_c_n, *_unused):
-    input, weight_ih, weight_hh, gates, h_states, c_states, lengths, bias, h0, c0 = ctx.saved_tensors
-    if torch.is_grad_enabled():  # backward(create_graph=True): differentiable, for double backward
-        return _grouped_lstm_backward_composite(ctx, grad_output, grad_h_n, grad_c_n)
-    G, H4, _ = weight_ih.shape
-    zeros = lambda *shape: input.new_zeros(shape)  # noqa: E731
-    B, H = h_states.shape[2], H4 // 4
-    if grad_output is None:
-        grad_output = zeros(G, h_states.shape[1] - 1, B, H)
-    grad_h_n = zeros(G, B, H) if grad_h_n is None else grad_h_n
-    grad_c_n = zeros(G, B, H) if grad_c_n is None else grad_c_n
-    d_input, d_w_ih, d_w_hh, d_bias, d_h0, d_c0 = ops.grouped_lstm_backward(
-        grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, gates, h_states, c_states,
-        lengths, ctx.reverse)
-    return d_input, d_w_ih, d_w_hh, (d_bias if bias is not None else None), d_h0, d_c0, None, None
-
-
-def grouped_lstm_composite(input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
-                           bias: Optional[Tensor], h0: Tensor, c0: Tensor,
-                           lengths: Optional[Tensor] = None, reverse: bool = False):
-    """The op's forward in plain differentiable torch ops (same arguments, output, h_n, c_n)."""
-    if input.dim() == 3:  # (T, B, C) shared -> (G, T, B, 4H)
-        xp = torch.einsum("tbc,gnc->gtbn", input, weight_ih)
-    else:
-        xp = torch.einsum("gtbc,gnc->gtbn", input, weight_ih)
-    if bias is not None:
-        xp = xp + bias[:, None, None, :]
-    T = xp.shape[1]
-    h, c, outs = h0, c0, [None] * T
-    for t in (reversed(range(T)) if reverse else range(T)):
-        i, f, g, o = (xp[:, t] + torch.bmm(h, weight_hh.transpose(1, 2))).chunk(4, dim=-1)
-        c_t = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h_t = torch.sigmoid(o) * torch.tanh(c_t)
-        if lengths is not None:  # padding steps hold the state and emit zeros
-            valid = (t < lengths.to(xp.device)).to(xp.dtype)[None, :, None]  # (1, B, 1)
-            c_t = valid * c_t + (1 - valid) * c
-            h_t, out_t = valid * h_t + (1 - valid) * h, valid * h_t
-        else:
-            out_t = h_t
-        outs[t], h, c = out_t, h_t, c_t
-    return torch.stack(outs, dim=1), h, c
-
-
-def _grouped_lstm_backward_composite(ctx, grad_output, grad_h_n, grad_c_n):
-    """A backward that autograd can differentiate again: recompute the forward from the saved
-    inputs with torch ops and take its vector-Jacobian product with create_graph=True."""
-    input, weight_ih, weight_hh, _, _, _, lengths, bias, h0, c0 = ctx.saved_tensors
-    candidates = (input, weight_ih, weight_hh, bias, h0, c0)
-    wanted = [t is not None and t.requires_grad and need
-              for t, need in zip(candidates, ctx.needs_input_grad[:6])]
-    if not any(wanted):
-        return (None,) * 8
-    outs = grouped_lstm_composite(input, weight_ih, weight_hh, bias, h0, c0, lengths, ctx.reverse)
-    pairs = [(o, g) for o, g in zip(outs, (grad_output, grad_h_n, grad_c_n)) if g is not None]
-    inputs = [t for t, w in zip(candidates, wanted) if w]
-    grads = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
-                                     create_graph=True, allow_unused=True))
-    result = [next(grads) if w else None for w in wanted]
-    return (*result, None, None)
-
-
-torch.library.register_autograd("mtl_kernels::grouped_lstm_forward", _grouped_lstm_backward,
-                                setup_context=_grouped_lstm_setup_context)
+# Autograd for grouped_lstm_forward is registered in C++ (csrc/grouped_lstm_autograd.cpp): the
+# Python path's fixed cost was a fifth of a small forward+backward on the CPU.
 
 
 def grouped_lstm_layer(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor],

@@ -115,3 +115,31 @@ class MultiTaskLSTMRef(nn.Module):
                 seq, _ = pad_packed_sequence(seq, batch_first=True, total_length=xk.shape[1])
             outs.append(self.heads[k](last_valid_step(seq, lengths)))
         return outs[0] if task is not None else outs
+
+
+def grouped_lstm_composite(input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                           bias: Optional[Tensor], h0: Tensor, c0: Tensor,
+                           lengths: Optional[Tensor] = None, reverse: bool = False):
+    """One layer and direction of grouped_lstm_forward in plain differentiable torch ops (the op's
+    arguments; returns output (G, T, B, H), h_n, c_n). The oracle for csrc/grouped_lstm_autograd.cpp's
+    composite, which double backward differentiates."""
+    if input.dim() == 3:  # (T, B, C) shared -> (G, T, B, 4H)
+        xp = torch.einsum("tbc,gnc->gtbn", input, weight_ih)
+    else:
+        xp = torch.einsum("gtbc,gnc->gtbn", input, weight_ih)
+    if bias is not None:
+        xp = xp + bias[:, None, None, :]
+    T = xp.shape[1]
+    h, c, outs = h0, c0, [None] * T
+    for t in (reversed(range(T)) if reverse else range(T)):
+        i, f, g, o = (xp[:, t] + torch.bmm(h, weight_hh.transpose(1, 2))).chunk(4, dim=-1)
+        c_t = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_t = torch.sigmoid(o) * torch.tanh(c_t)
+        if lengths is not None:  # padding steps hold the state and emit zeros
+            valid = (t < lengths.to(xp.device)).to(xp.dtype)[None, :, None]  # (1, B, 1)
+            c_t = valid * c_t + (1 - valid) * c
+            h_t, out_t = valid * h_t + (1 - valid) * h, valid * h_t
+        else:
+            out_t = h_t
+        outs[t], h, c = out_t, h_t, c_t
+    return torch.stack(outs, dim=1), h, c

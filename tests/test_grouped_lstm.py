@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from mtl_kernels import GroupedLSTM
-from mtl_kernels._ops import grouped_lstm_composite, grouped_lstm_layer, ops
-from mtl_kernels.reference import LSTMLoop
+from mtl_kernels._ops import grouped_lstm_layer, ops
+from mtl_kernels.reference import LSTMLoop, grouped_lstm_composite
 
 TOL = {torch.float64: dict(rtol=1e-9, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=2e-5)}
 
