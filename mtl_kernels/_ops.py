@@ -1,5 +1,5 @@
 """Thin Python layer over torch.ops.mtl_kernels.*: fake (meta) implementations for torch.compile and
-opcheck, autograd registration, and the two differentiable entry points the modules use."""
+opcheck, and the entry point the modules use. Autograd is registered in C++ (csrc/*_autograd.cpp)."""
 from typing import Optional, Tuple
 
 import torch
