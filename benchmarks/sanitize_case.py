@@ -1,6 +1,7 @@
 """A small forward+backward through every CUDA kernel, for compute-sanitizer (device_check.sh):
-both grouped-LSTM recurrence paths (the persistent kernel with one slice per group and with several,
-which exercises the inter-block barrier), lengths, both directions, and branch attention.
+both grouped-LSTM recurrence paths (the persistent kernel with one block per group and tile, H=6,
+and with 5-10 slices per group and the inter-block barrier, H=300), lengths, both directions, and
+branch attention.
 
   python benchmarks/sanitize_case.py [per_step] [persistent]     (default: both)
 """
@@ -19,7 +20,7 @@ for path in sys.argv[1:] or ("per_step", "persistent"):
     before = mtl_kernels.path_counts()
     with mtl_kernels.recurrence_path(path):
         for dtype in (torch.float32, torch.bfloat16):
-            for H in (6, 40):  # 40 > 32 units per block: two slices per group
+            for H in (6, 300):  # 300: W_hh does not fit one block, several slices per group
                 m = GroupedLSTM(3, 7, H, num_layers=2, bidirectional=True).cuda().to(dtype)
                 for x in (torch.randn(5, 4, 7), torch.randn(3, 5, 4, 7)):  # shared, per group
                     x = x.cuda().to(dtype).requires_grad_()

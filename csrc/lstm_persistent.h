@@ -6,7 +6,7 @@
 //
 // Work split. Blocks own (group g, batch tile, slice of hidden units):
 //   block = (g * tiles + tile) * slices + slice
-//   slice s: hidden units [s * units, min(H, (s + 1) * units))
+//   slice s: hidden units [s * units, min(H, (s + 1) * units)), units <= 256
 //   tile i : batch rows   [i * tile_rows, min(B, (i + 1) * tile_rows))
 // A block's threads are (tx, ty), tx in [0, units) the hidden unit in the slice, ty in
 // [0, threads_y); thread (tx, ty) owns rows ty, ty + threads_y, ... (at most kRows) of the tile.
@@ -126,7 +126,10 @@ inline PersistentPlan persistent_plan(int64_t G, int64_t B, int64_t H, int64_t e
   best.reason = "the W_hh slice of one hidden unit does not fit in shared memory";
   const int64_t reserved_per_block = 1024;  // the runtime's own shared memory per block (sm_80+)
   const int64_t max_threads = std::min<int64_t>(lim.max_threads_per_block, kPersistentMaxThreads);
-  for (int64_t units = std::min<int64_t>(H, 32); units >= 1; units = units > 1 ? (units + 1) / 2 : 0) {
+  // Widest slices first: units = H (one block per group and tile) needs no inter-block barrier at
+  // all, which at small sizes is most of a step's time.
+  for (int64_t units = std::min<int64_t>(H, max_threads); units >= 1;
+       units = units > 1 ? (units + 1) / 2 : 0) {
     const int64_t w_bytes = PersistentPlan::align16(4 * units * H * elem_bytes);
     const int64_t threads_y_max = std::max<int64_t>(1, max_threads / units);
     const int64_t slices = ceil_div(H, units);

@@ -181,7 +181,7 @@ def _plan(G, B, H, elem_bytes, backward, limits=H100):
 
 def _check_plan_invariants(p, G, B, H, elem_bytes, backward, limits=H100):
     sms, smem_block, smem_sm, threads_sm, threads_block = limits
-    assert 1 <= p["units"] <= min(H, 32)
+    assert 1 <= p["units"] <= min(H, MAX_THREADS)
     assert p["slices"] == -(-H // p["units"])
     assert 1 <= p["tile_rows"] <= B and p["tiles"] == -(-B // p["tile_rows"])
     assert p["threads_y"] <= p["tile_rows"] <= p["threads_y"] * p["rows_per_thread"]
