@@ -71,6 +71,27 @@ def _cublas_include_dirs():
     return dirs
 
 
+def _openmp_flags():
+    """-fopenmp where the C++ compiler can build and link an OpenMP program, else -fopenmp-simd
+    (a build without libgomp still works; the CPU kernels then run on one thread)."""
+    import shlex
+    import tempfile
+    cxx = os.environ.get("CXX", "c++")
+    src = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "omp_check.cpp")
+        with open(path, "w") as f:
+            f.write(src)
+        try:
+            ok = subprocess.run(shlex.split(cxx) + ["-fopenmp", path, "-o", os.path.join(d, "omp_check")],
+                                capture_output=True).returncode == 0
+        except OSError:
+            ok = False
+    if not ok:
+        print(f"mtl_kernels: {cxx} cannot build OpenMP code: the CPU kernels will run on one thread")
+    return ["-fopenmp"] if ok else ["-fopenmp-simd"]
+
+
 def _want_cuda():
     if _env_flag("MTL_KERNELS_FORCE_CPU"):
         return False
@@ -100,9 +121,10 @@ def _extension():
     # -fopenmp: at::parallel_for is an inline template over `#pragma omp parallel` (ATen's OpenMP
     # backend), so without it every parallel_for in our kernels silently runs on one thread. The
     # link pulls libgomp.so.1, which resolves to the copy torch has already loaded.
-    cxx = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"] + abi
+    omp = _openmp_flags()
+    cxx = ["-O3", "-fno-math-errno", "-fno-trapping-math"] + omp + abi
     kwargs = dict(name="mtl_kernels._C", include_dirs=[os.path.join(here, "csrc")],
-                  extra_link_args=["-fopenmp"])
+                  extra_link_args=[f for f in omp if f == "-fopenmp"])
     if _want_cuda():
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
             # cpp_extension needs an arch list when no GPU is visible; 9.0 = H100/H200.
