@@ -120,28 +120,13 @@ PersistentLimits device_limits(const cudaDeviceProp& p) {
           p.maxThreadsPerBlock};
 }
 
-// Plans for these sizes on the current device; fits == false means the per-step path.
-PersistentPlan plan_for(int64_t G, int64_t B, int64_t H, int64_t elem_bytes, bool backward) {
-  if (recurrence_path() == RecurrencePath::kPerStep) {
-    PersistentPlan p;
-    p.reason = "MTL_KERNELS_LSTM_PATH=per_step";
-    return p;
-  }
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  if (!props->cooperativeLaunch) {
-    PersistentPlan p;
-    p.reason = "the device has no cooperative launch";
-    return p;
-  }
-  return persistent_plan(G, B, H, elem_bytes, backward, device_limits(*props));
-}
-
-// Launches `kernel` cooperatively over the plan's grid; false (nothing launched) when the compiled
-// kernel cannot have every block resident at once.
+// Launches `kernel` cooperatively over the plan's grid. Returns false, launching nothing, when the
+// compiled kernel cannot have every block resident at once; *resident_per_sm then says how many
+// blocks per SM it can have (its registers may allow fewer than the plan's estimate).
 template <typename Params>
 bool launch_persistent(void (*kernel)(Params, PersistentPlan, unsigned int*), const Params& q,
                        const PersistentPlan& plan, int64_t elem_bytes, int64_t counters_count,
-                       const at::TensorOptions& opts) {
+                       const at::TensorOptions& opts, int* resident_per_sm) {
   const int64_t smem = plan.smem_bytes(elem_bytes);
   // Allow the device's whole opt-in shared memory once per kernel and device, so that no attribute
   // call happens while a CUDA graph is being captured (after the usual warm-up).
@@ -153,10 +138,9 @@ bool launch_persistent(void (*kernel)(Params, PersistentPlan, unsigned int*), co
                                         static_cast<int>(props->sharedMemPerBlockOptin)));
     if (device < 64) configured[device] = true;
   }
-  int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      &per_sm, kernel, static_cast<int>(plan.threads()), static_cast<size_t>(smem)));
-  if (int64_t(per_sm) * props->multiProcessorCount < plan.blocks) return false;
+      resident_per_sm, kernel, static_cast<int>(plan.threads()), static_cast<size_t>(smem)));
+  if (int64_t(*resident_per_sm) * props->multiProcessorCount < plan.blocks) return false;
 
   at::Tensor counters = at::zeros({counters_count}, opts.dtype(at::kInt));
   unsigned int* counters_ptr = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
@@ -169,38 +153,52 @@ bool launch_persistent(void (*kernel)(Params, PersistentPlan, unsigned int*), co
       static_cast<size_t>(smem), at::cuda::getCurrentCUDAStream());
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();  // clear it: the per-step path runs instead
+    *resident_per_sm = 0;
     return false;
   }
   C10_CUDA_CHECK(err);
   return true;
 }
 
-// Plans and launches one direction of the recurrence; false when the per-step path must run.
-// c_states (G, T+1, B, H) gives the sizes in both directions.
+// Plans and launches one direction of the recurrence; false when the per-step path must run
+// (MTL_KERNELS_LSTM_PATH=per_step, no cooperative launch, or no plan whose blocks can all be
+// resident). c_states (G, T+1, B, H) gives the sizes in both directions.
 template <bool kBackward, typename Sequence>
 bool run_persistent(const Sequence& s) {
+  if (recurrence_path() == RecurrencePath::kPerStep) return false;
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  if (!props->cooperativeLaunch) return false;
   const int64_t G = s.c_states.size(0), B = s.c_states.size(2), H = s.c_states.size(3);
   const int64_t elem_bytes = s.gates.element_size();
-  const PersistentPlan plan = plan_for(G, B, H, elem_bytes, kBackward);
-  if (!plan.fits) return false;
-  bool launched = false;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
-                                  "grouped_lstm_persistent", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    dispatch_rows(plan.rows_per_thread, [&](auto rows) {
-      constexpr int kRows = decltype(rows)::value;
-      if constexpr (kBackward) {
-        launched = launch_persistent(&persistent_backward_kernel<kRows, scalar_t, acc_t>,
-                                     make_sequence_backward<scalar_t>(s), plan, elem_bytes,
-                                     G * plan.tiles, s.gates.options());
-      } else {
-        launched = launch_persistent(&persistent_forward_kernel<kRows, scalar_t, acc_t>,
-                                     make_sequence_forward<scalar_t>(s), plan, elem_bytes,
-                                     G * plan.tiles, s.gates.options());
-      }
+  PersistentLimits lim = device_limits(*props);
+  // The planner estimates blocks per SM from shared memory and threads; the compiled kernel's
+  // registers may allow fewer. Then plan again under what the occupancy API reported.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    const PersistentPlan plan = persistent_plan(G, B, H, elem_bytes, kBackward, lim);
+    if (!plan.fits) return false;
+    bool launched = false;
+    int resident_per_sm = 0;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+                                    "grouped_lstm_persistent", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      dispatch_rows(plan.rows_per_thread, [&](auto rows) {
+        constexpr int kRows = decltype(rows)::value;
+        if constexpr (kBackward) {
+          launched = launch_persistent(&persistent_backward_kernel<kRows, scalar_t, acc_t>,
+                                       make_sequence_backward<scalar_t>(s), plan, elem_bytes,
+                                       G * plan.tiles, s.gates.options(), &resident_per_sm);
+        } else {
+          launched = launch_persistent(&persistent_forward_kernel<kRows, scalar_t, acc_t>,
+                                       make_sequence_forward<scalar_t>(s), plan, elem_bytes,
+                                       G * plan.tiles, s.gates.options(), &resident_per_sm);
+        }
+      });
     });
-  });
-  return launched;
+    if (launched) return true;
+    if (resident_per_sm < 1 || resident_per_sm >= lim.max_blocks_per_sm) return false;
+    lim.max_blocks_per_sm = resident_per_sm;
+  }
+  return false;
 }
 
 }  // namespace

@@ -80,6 +80,9 @@ struct PersistentLimits {
   int64_t smem_per_sm;
   int64_t max_threads_per_sm;
   int64_t max_threads_per_block;
+  // Blocks per SM at most: the hardware's limit, or fewer once the occupancy API has said what the
+  // compiled kernel's registers allow (grouped_lstm_persistent.cu plans again with that).
+  int64_t max_blocks_per_sm = 32;
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -151,7 +154,8 @@ inline PersistentPlan persistent_plan(int64_t G, int64_t B, int64_t H, int64_t e
           persistent_plan_from_tiles(G, B, H, backward, units, tile_rows, threads_y, chunk);
       if (!p.fits) continue;
       const int64_t smem = p.smem_bytes(elem_bytes) + reserved_per_block;
-      p.blocks_per_sm = std::min(lim.smem_per_sm / smem, lim.max_threads_per_sm / p.threads());
+      p.blocks_per_sm = std::min({lim.smem_per_sm / smem, lim.max_threads_per_sm / p.threads(),
+                                  lim.max_blocks_per_sm});
       if (p.blocks_per_sm < 1 || p.blocks > p.blocks_per_sm * lim.num_sms) {
         best.reason = "too many blocks to be resident at once";
         continue;

@@ -366,10 +366,24 @@ def test_cuda_persistent_random_sizes_around_the_limits():
     for i, (G, B, H) in enumerate(sizes):
         fits = _C.persistent_plan(G, B, H, 4, False, *limits)["fits"]
         fwd, bwd, ran = _run_cuda("persistent", G, 3, B, 5, H, torch.float32, seed=i)
-        assert ran["forward_sequence"] == int(fits)
+        # never persistent without a plan; with one, the kernel's registers may still rule it out
+        assert ran["forward_sequence"] <= int(fits)
         ref_f, ref_b, _ = _run_cuda("per_step", G, 3, B, 5, H, torch.float32, seed=i)
         _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
         _assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
+
+
+@cuda
+def test_cuda_persistent_several_slices_per_group():
+    """H = 300: no block holds a whole group's W_hh, so every step crosses the inter-block barrier."""
+    G, T, B, C, H = 3, 6, 8, 5, 300
+    plan = _C.persistent_plan(G, B, H, 4, False, *_device_limits())
+    assert plan["fits"] and plan["slices"] > 1
+    fwd, bwd, ran = _run_cuda("persistent", G, T, B, C, H, torch.float32, reverse=True)
+    assert ran["forward_sequence"] == 1
+    ref_f, ref_b, _ = _run_cuda("per_step", G, T, B, C, H, torch.float32, reverse=True)
+    _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
+    _assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
 
 
 @cuda
