@@ -123,13 +123,16 @@ PersistentLimits device_limits(const cudaDeviceProp& p) {
 // Launches `kernel` cooperatively over the plan's grid. Returns false, launching nothing, when the
 // compiled kernel cannot have every block resident at once; *resident_per_sm then says how many
 // blocks per SM it can have (its registers may allow fewer than the plan's estimate).
-template <typename Params>
-bool launch_persistent(void (*kernel)(Params, PersistentPlan, unsigned int*), const Params& q,
-                       const PersistentPlan& plan, int64_t elem_bytes, int64_t counters_count,
-                       const at::TensorOptions& opts, int* resident_per_sm) {
+// kKernel is a template argument so that `configured` below is per kernel instance.
+template <auto kKernel, typename Params>
+bool launch_persistent(const Params& q, const PersistentPlan& plan, int64_t elem_bytes,
+                       int64_t counters_count, const at::TensorOptions& opts,
+                       int* resident_per_sm) {
+  void (*kernel)(Params, PersistentPlan, unsigned int*) = kKernel;
   const int64_t smem = plan.smem_bytes(elem_bytes);
-  // Allow the device's whole opt-in shared memory once per kernel and device, so that no attribute
-  // call happens while a CUDA graph is being captured (after the usual warm-up).
+  // Allow the device's whole opt-in shared memory once per kernel instance and device (without it
+  // a launch above 48 KB fails), so that no attribute call happens while a CUDA graph is being
+  // captured (after the usual warm-up).
   static bool configured[64] = {};
   const int device = at::cuda::current_device();
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
@@ -184,13 +187,13 @@ bool run_persistent(const Sequence& s) {
       dispatch_rows(plan.rows_per_thread, [&](auto rows) {
         constexpr int kRows = decltype(rows)::value;
         if constexpr (kBackward) {
-          launched = launch_persistent(&persistent_backward_kernel<kRows, scalar_t, acc_t>,
-                                       make_sequence_backward<scalar_t>(s), plan, elem_bytes,
-                                       G * plan.tiles, s.gates.options(), &resident_per_sm);
+          launched = launch_persistent<&persistent_backward_kernel<kRows, scalar_t, acc_t>>(
+              make_sequence_backward<scalar_t>(s), plan, elem_bytes, G * plan.tiles,
+              s.gates.options(), &resident_per_sm);
         } else {
-          launched = launch_persistent(&persistent_forward_kernel<kRows, scalar_t, acc_t>,
-                                       make_sequence_forward<scalar_t>(s), plan, elem_bytes,
-                                       G * plan.tiles, s.gates.options(), &resident_per_sm);
+          launched = launch_persistent<&persistent_forward_kernel<kRows, scalar_t, acc_t>>(
+              make_sequence_forward<scalar_t>(s), plan, elem_bytes, G * plan.tiles,
+              s.gates.options(), &resident_per_sm);
         }
       });
     });
