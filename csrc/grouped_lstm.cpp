@@ -151,12 +151,10 @@ ForwardResult grouped_lstm_forward_driver(const at::Tensor& input_, const at::Te
     ++g_forward_steps;
     at::Tensor hproj = at::empty({G, B, H4}, opts);        // (G, B, 4H)
     const at::Tensor w_hh_t = weight_hh.transpose(1, 2);  // (G, H, 4H)
-    ForwardStep step{gates, layout, hproj, bias, h_states, c_states, output, lengths_t, 0, reverse};
     for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t t = forward_time(s, T, reverse);
       at::bmm_out(hproj, h_states.select(1, prev_slot(t, reverse)), w_hh_t);
-      step.t = t;
-      kernels.forward_step(step);
+      kernels.forward_step(ForwardStep{&seq, hproj, t});
     }
   }
   const int64_t last = reverse ? 0 : T;
@@ -209,14 +207,9 @@ BackwardResult grouped_lstm_backward_driver(
     // then accumulates onto it in place.
     at::Tensor dh_next = at::empty({G, B, H}, opts);
     at::Tensor dc = seq.grad_c_n.clone();  // (G, B, H)
-    BackwardStep step{gates, dgates, layout, c_states, grad_output, dh_in, dh_next, dc, lengths_t,
-                      0, reverse};
     for (int64_t s = 0; s < T; ++s) {
-      const int64_t t = reverse ? s : T - 1 - s;  // forward's order, reversed
-      step.t = t;
-      step.dh_in = dh_in;
-      step.dh_pass = dh_next;
-      kernels.backward_step(step);
+      const int64_t t = backward_time(s, T, reverse);
+      kernels.backward_step(BackwardStep{&seq, dh_in, dh_next, dc, t});
       // dgates at step t as (G, B, 4H): a strided view in either layout.
       const at::Tensor dg_t = shared ? dgates.select(0, t).transpose(0, 1) : dgates.select(1, t);
       dh_next.baddbmm_(dg_t, weight_hh);  // dh_{t-1} = dh_pass + dg_t @ W_hh

@@ -12,6 +12,8 @@
 
 #include <tuple>
 
+#include "lstm_cell.h"  // prev_slot, next_slot, forward_time, backward_time
+
 namespace mtl_kernels {
 
 // Strides (in elements) of the gate tensors, which follow the input projection's layout:
@@ -21,34 +23,10 @@ struct GateLayout {
   int64_t sg, st, sb;
 };
 
-// Everything a cell kernel needs for step t. Tensors are whole sequences; the kernel offsets by t.
-struct ForwardStep {
-  at::Tensor gates;     // see GateLayout; in: input projection, out: activated gates
-  GateLayout layout;
-  at::Tensor hproj;     // (G, B, 4H)
-  at::Tensor bias;      // (G, 4H) or undefined
-  at::Tensor h_states;  // (G, T+1, B, H)   slot t / t+1 are the states around step t (forward)
-  at::Tensor c_states;  // (G, T+1, B, H)   in opmath dtype (fp32 for half types)
-  at::Tensor output;    // (G, T, B, H)
-  at::Tensor lengths;   // (B,) int64 or undefined
-  int64_t t;
-  bool reverse;         // reverse direction: slot t+1 is before step t, slot t after it
-};
-
-struct BackwardStep {
-  at::Tensor gates, dgates;  // see GateLayout
-  GateLayout layout;
-  at::Tensor c_states;       // (G, T+1, B, H)
-  at::Tensor grad_output;    // (G, T, B, H) contiguous
-  at::Tensor dh_in;          // (G, B, H)
-  at::Tensor dh_pass;        // (G, B, H)
-  at::Tensor dc;             // (G, B, H) opmath dtype, in/out
-  at::Tensor lengths;
-  int64_t t;
-  bool reverse;
-};
-
-// The whole recurrence of one call at once (the persistent kernel). Same tensors as the steps.
+// The whole recurrence of one call: what a whole-sequence kernel (GPU persistent kernel, CPU rows in
+// parallel) gets, and what the per-step kernels see through ForwardStep / BackwardStep.
+// State slots: h_states / c_states slot t and t+1 are the states around step t (forward direction;
+// reversed for reverse, see prev_slot / next_slot in lstm_cell.h).
 struct ForwardSequence {
   at::Tensor gates;      // see GateLayout; in: input projection, out: activated gates
   GateLayout layout;
@@ -73,6 +51,22 @@ struct BackwardSequence {
   at::Tensor grad_c0;        // (G, B, H) out, opmath dtype
   at::Tensor lengths;
   bool reverse;
+};
+
+// Everything a per-step cell kernel needs for step t: the call's sequence tensors (the kernel
+// offsets them by t) and the per-step buffers.
+struct ForwardStep {
+  const ForwardSequence* seq;
+  at::Tensor hproj;  // (G, B, 4H): h_{t-1} @ W_hh^T for this step
+  int64_t t;
+};
+
+struct BackwardStep {
+  const BackwardSequence* seq;
+  at::Tensor dh_in;    // (G, B, H): gradient reaching h_t from step t+1
+  at::Tensor dh_pass;  // (G, B, H): out, the part of dh_{t-1} that bypasses W_hh
+  at::Tensor dc;       // (G, B, H) opmath dtype, in/out
+  int64_t t;
 };
 
 // What a backend supplies. The sequence functions are optional (nullptr): they return false when
@@ -104,10 +98,6 @@ struct PathCounts {
   int64_t forward_sequence, forward_steps, backward_sequence, backward_steps;
 };
 PathCounts path_counts();
-
-// State slot read before / written after step t.
-inline int64_t prev_slot(int64_t t, bool reverse) { return reverse ? t + 1 : t; }
-inline int64_t next_slot(int64_t t, bool reverse) { return reverse ? t : t + 1; }
 
 using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "autograd_util.h"
+#include "lstm_cell.h"  // forward_time
 
 namespace mtl_kernels {
 namespace {
@@ -44,7 +45,7 @@ std::vector<Tensor> grouped_lstm_composite(const Tensor& input, const Tensor& w_
   Tensor h = h0, c = c0;
   std::vector<Tensor> outs(T);
   for (int64_t s = 0; s < T; ++s) {
-    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t t = forward_time(s, T, reverse);
     const std::vector<Tensor> gate = (xp.select(1, t) + at::bmm(h, w_hh_t)).chunk(4, -1);
     Tensor c_t = at::sigmoid(gate[1]) * c + at::sigmoid(gate[0]) * at::tanh(gate[2]);
     Tensor h_t = at::sigmoid(gate[3]) * at::tanh(c_t);

@@ -116,13 +116,13 @@ void backward_step_cpu_typed(const BackwardStep& s) {
 }
 
 void forward_step_cpu(const ForwardStep& s) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.seq->gates.scalar_type(),
                                   "grouped_lstm_forward_cpu",
                                   [&] { forward_step_cpu_typed<scalar_t>(s); });
 }
 
 void backward_step_cpu(const BackwardStep& s) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.seq->gates.scalar_type(),
                                   "grouped_lstm_backward_cpu",
                                   [&] { backward_step_cpu_typed<scalar_t>(s); });
 }
@@ -198,14 +198,11 @@ void forward_sequence_cpu_typed(const ForwardSequence& s) {
   const at::Tensor w_t = s.weight_hh.transpose(1, 2).contiguous();  // (G, H, 4H): 4H contiguous
   at::Tensor hproj = at::empty({G, B, H4}, s.gates.options());       // (G, B, 4H), rows per thread
   const scalar_t* w = w_t.data_ptr<scalar_t>();
-  ForwardStep step{s.gates, s.layout, hproj, s.bias, s.h_states, s.c_states, s.output, s.lengths,
-                   0, s.reverse};
   at::parallel_for(0, G * B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(kRowBlock * H4);
-    ForwardStep my_step = step;
     for (int64_t i = 0; i < T; ++i) {
-      my_step.t = s.reverse ? T - 1 - i : i;
-      const auto p = make_forward_params<scalar_t>(my_step);
+      const auto p =
+          make_forward_params<scalar_t>(ForwardStep{&s, hproj, forward_time(i, T, s.reverse)});
       for_row_blocks(begin, end, B, [&](int64_t r, int64_t nr, int64_t g) {
         // hproj rows = h_{t-1} rows @ W_hh[g]^T
         const scalar_t* h_rows[kRowBlock];
@@ -225,20 +222,18 @@ void backward_sequence_cpu_typed(const BackwardSequence& s) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t G = s.c_states.size(0), T = s.c_states.size(1) - 1, B = s.c_states.size(2),
                 H = s.c_states.size(3), H4 = 4 * H;
-  // dh in / out per step, (G, B, H); each thread swaps its own rows' roles.
+  // dh in / out per step, (G, B, H)
   at::Tensor dh_a = s.grad_h_n.clone(), dh_b = at::empty_like(dh_a);
   at::Tensor dc = s.grad_c_n.clone();  // (G, B, H) acc_t
   const scalar_t* w = s.weight_hh.data_ptr<scalar_t>();  // (G, 4H, H): H contiguous
-  BackwardStep step{s.gates, s.dgates, s.layout, s.c_states, s.grad_output, dh_a, dh_b, dc,
-                    s.lengths, 0, s.reverse};
   at::parallel_for(0, G * B, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(kRowBlock * H);
+    // each thread swaps its own rows' roles of the two dh buffers
     scalar_t* dh_in = dh_a.data_ptr<scalar_t>();
     scalar_t* dh_out = dh_b.data_ptr<scalar_t>();
-    BackwardStep my_step = step;
     for (int64_t i = 0; i < T; ++i) {
-      my_step.t = s.reverse ? i : T - 1 - i;
-      auto p = make_backward_params<scalar_t>(my_step);
+      auto p = make_backward_params<scalar_t>(
+          BackwardStep{&s, dh_a, dh_b, dc, backward_time(i, T, s.reverse)});
       p.dh_in = dh_in;
       p.dh_pass = dh_out;
       backward_rows(p, begin, end);  // dgates_t, dc, and dh_out = the pass-through part

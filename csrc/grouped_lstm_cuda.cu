@@ -43,7 +43,7 @@ int blocks_for(int64_t total) {
 }
 
 void forward_step_cuda(const ForwardStep& s) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.seq->gates.scalar_type(),
                                   "grouped_lstm_forward_cuda", [&] {
     const auto p = make_forward_params<scalar_t>(s);
     forward_step_kernel<<<blocks_for(p.G * p.B * p.H), kThreads, 0,
@@ -53,7 +53,7 @@ void forward_step_cuda(const ForwardStep& s) {
 }
 
 void backward_step_cuda(const BackwardStep& s) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.gates.scalar_type(),
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, s.seq->gates.scalar_type(),
                                   "grouped_lstm_backward_cuda", [&] {
     const auto p = make_backward_params<scalar_t>(s);
     backward_step_kernel<<<blocks_for(p.G * p.B * p.H), kThreads, 0,

@@ -76,6 +76,16 @@ MTL_HD float tanh_act(float x) {
 MTL_HD double tanh_act(double x) { return ::tanh(x); }
 
 // ---------------------------------------------------------------------------------------------
+// Time and state slots. The states around step t live in slots t and t+1 of (G, T+1, B, H)
+// tensors; in the reverse direction slot t+1 is before step t and slot t after it. Loop step s of a
+// forward runs time step forward_time(s); a backward runs them in the opposite order.
+// ---------------------------------------------------------------------------------------------
+MTL_HD int64_t prev_slot(int64_t t, bool reverse) { return reverse ? t + 1 : t; }
+MTL_HD int64_t next_slot(int64_t t, bool reverse) { return reverse ? t : t + 1; }
+MTL_HD int64_t forward_time(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+MTL_HD int64_t backward_time(int64_t s, int64_t T, bool reverse) { return reverse ? s : T - 1 - s; }
+
+// ---------------------------------------------------------------------------------------------
 // One LSTM cell element (one hidden unit j of one (group, batch) row).
 // ---------------------------------------------------------------------------------------------
 template <typename acc_t>

@@ -215,9 +215,6 @@ MTL_HD T load_shared_state(const T* p) {
 #endif
 }
 
-MTL_HD int64_t seq_prev_slot(int64_t t, bool reverse) { return reverse ? t + 1 : t; }
-MTL_HD int64_t seq_next_slot(int64_t t, bool reverse) { return reverse ? t : t + 1; }
-
 // Whole-sequence tensors as raw pointers and strides (built on the host by
 // make_sequence_forward / make_sequence_backward in step_params.h).
 template <typename scalar_t, typename acc_t>
@@ -256,7 +253,8 @@ struct SequenceBackward {
   bool reverse;
 };
 
-// The per-step view of step t, for lstm_cell.h's row functions.
+// The per-step view of step t, for lstm_cell.h's row functions (also what the per-step kernels get:
+// step_params.h adds their buffers).
 template <typename scalar_t, typename acc_t>
 MTL_HD ForwardStepParams<scalar_t, acc_t> forward_step_at(const SequenceForward<scalar_t, acc_t>& q,
                                                           int64_t t) {
@@ -266,11 +264,11 @@ MTL_HD ForwardStepParams<scalar_t, acc_t> forward_step_at(const SequenceForward<
   p.gates_sb = q.gates_sb;
   p.hproj = nullptr;
   p.bias = q.bias;
-  p.h_prev = q.h_states + seq_prev_slot(t, q.reverse) * q.h_sslot;
-  p.h_next = q.h_states + seq_next_slot(t, q.reverse) * q.h_sslot;
+  p.h_prev = q.h_states + prev_slot(t, q.reverse) * q.h_sslot;
+  p.h_next = q.h_states + next_slot(t, q.reverse) * q.h_sslot;
   p.h_sg = q.h_sg;
-  p.c_prev = q.c_states + seq_prev_slot(t, q.reverse) * q.c_sslot;
-  p.c_next = q.c_states + seq_next_slot(t, q.reverse) * q.c_sslot;
+  p.c_prev = q.c_states + prev_slot(t, q.reverse) * q.c_sslot;
+  p.c_next = q.c_states + next_slot(t, q.reverse) * q.c_sslot;
   p.c_sg = q.c_sg;
   p.out = q.output + t * q.out_st;
   p.out_sg = q.out_sg;
@@ -290,8 +288,8 @@ MTL_HD BackwardStepParams<scalar_t, acc_t> backward_step_at(
   p.dgates = q.dgates + t * q.gates_st;
   p.gates_sg = q.gates_sg;
   p.gates_sb = q.gates_sb;
-  p.c_prev = q.c_states + seq_prev_slot(t, q.reverse) * q.c_sslot;
-  p.c_next = q.c_states + seq_next_slot(t, q.reverse) * q.c_sslot;
+  p.c_prev = q.c_states + prev_slot(t, q.reverse) * q.c_sslot;
+  p.c_next = q.c_states + next_slot(t, q.reverse) * q.c_sslot;
   p.c_sg = q.c_sg;
   p.grad_out = q.grad_output + t * q.gout_st;
   p.gout_sg = q.gout_sg;
@@ -305,10 +303,6 @@ MTL_HD BackwardStepParams<scalar_t, acc_t> backward_step_at(
   p.H = q.H;
   return p;
 }
-
-// Step s of the loop runs time step t: forward's order, and its reverse in the backward.
-MTL_HD int64_t forward_time(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
-MTL_HD int64_t backward_time(int64_t s, int64_t T, bool reverse) { return reverse ? s : T - 1 - s; }
 
 // ---- shared-memory fills (all threads of a block, tid in [0, nthreads)) ----------------------
 
@@ -343,7 +337,7 @@ MTL_HD void persistent_fill_weights_backward(scalar_t* wt_s, const scalar_t* wei
 template <typename scalar_t, typename acc_t>
 MTL_HD void persistent_fill_h(scalar_t* h_s, const SequenceForward<scalar_t, acc_t>& q,
                               const PersistentBlock& k, int64_t t, int64_t tid, int64_t nthreads) {
-  const scalar_t* src = q.h_states + k.g * q.h_sg + seq_prev_slot(t, q.reverse) * q.h_sslot +
+  const scalar_t* src = q.h_states + k.g * q.h_sg + prev_slot(t, q.reverse) * q.h_sslot +
                         k.row0 * q.H;
   for (int64_t idx = tid; idx < k.rows * q.H; idx += nthreads) h_s[idx] = load_shared_state(src + idx);
 }
