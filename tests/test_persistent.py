@@ -2,9 +2,8 @@
 
 On the CPU: its work split, shared-memory layouts, index math and per-thread arithmetic run through
 the emulator op (every block and thread of a plan, in order, with the same code the CUDA kernel
-runs), against the per-step op; and its planner, against the limits of an H100. On a GPU: the real
-kernel against the per-step path, bit-for-bit determinism, randomized sizes around the fit limits,
-and the fallback.
+runs), against the per-step op; and its planner, against the limits of an H100. The real kernel
+on a GPU: test_persistent_cuda.py.
 """
 import random
 
@@ -288,106 +287,3 @@ def test_cpu_row_parallel_matches_per_step(H, dtype, monkeypatch):
             results[path] = fwd + bwd
         tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
         _assert_all_close(results["auto"], results["per_step"], **tol)
-
-
-# ---- the real kernel, on a GPU ------------------------------------------------------------------
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-
-
-def _run_cuda(path, G, T, B, C, H, dtype, shared=True, bias=True, lengths=True, reverse=False,
-              seed=0):
-    args = _op_args(G, T, B, C, H, dtype, shared, bias, lengths, seed=seed, device="cuda")
-    grads = [g.cuda() for g in _grads(G, T, B, H, dtype, seed=seed + 1)]
-    before = mtl_kernels.path_counts()
-    with mtl_kernels.recurrence_path(path):
-        fwd = ops.grouped_lstm_forward(*args, reverse)
-        x, w_ih, w_hh, _, _, _, L = args
-        bwd = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *fwd[3:], L, reverse)
-    torch.cuda.synchronize()
-    after = mtl_kernels.path_counts()
-    ran = {k: after[k] - before[k] for k in after}
-    return fwd, bwd, ran
-
-
-@cuda
-@pytest.mark.parametrize("G,T,B,C,H", [(3, 7, 5, 4, 6), (1, 1, 1, 1, 1), (32, 9, 16, 8, 64),
-                                       (2, 5, 33, 3, 50), (8, 4, 64, 16, 256), (4, 3, 3, 2, 97)])
-@pytest.mark.parametrize("reverse", [False, True])
-def test_cuda_persistent_matches_per_step(G, T, B, C, H, reverse):
-    dtype = torch.float64
-    p_fwd, p_bwd, ran = _run_cuda("persistent", G, T, B, C, H, dtype, reverse=reverse)
-    fits_f = _C.persistent_plan(G, B, H, 8, False, *_device_limits())["fits"]
-    fits_b = _C.persistent_plan(G, B, H, 8, True, *_device_limits())["fits"]
-    assert ran["forward_sequence"] == int(fits_f) and ran["backward_sequence"] == int(fits_b)
-    s_fwd, s_bwd, ran_s = _run_cuda("per_step", G, T, B, C, H, dtype, reverse=reverse)
-    assert ran_s["forward_sequence"] == 0 and ran_s["backward_sequence"] == 0
-    _assert_all_close(p_fwd, s_fwd, **TOL[dtype])
-    _assert_all_close(p_bwd, s_bwd, rtol=1e-10, atol=1e-10)
-
-
-def _device_limits():
-    p = torch.cuda.get_device_properties(0)
-    return (p.multi_processor_count, p.shared_memory_per_block_optin,
-            p.shared_memory_per_multiprocessor, p.max_threads_per_multi_processor,
-            p.max_threads_per_block)
-
-
-@cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_persistent_half_and_single(dtype):
-    fwd, bwd, ran = _run_cuda("persistent", 32, 16, 16, 64, 64, dtype, shared=False)
-    assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
-    fwd64, bwd64, _ = _run_cuda("per_step", 32, 16, 16, 64, 64, torch.float64, shared=False)
-    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
-    for a, b in zip(fwd[:3], fwd64[:3]):
-        torch.testing.assert_close(a.double(), b, **tol)
-    for a, b in zip(bwd, bwd64):
-        torch.testing.assert_close(a.double(), b, **tol)
-
-
-@cuda
-def test_cuda_persistent_is_deterministic():
-    runs = [_run_cuda("persistent", 8, 20, 24, 16, 96, torch.float32, seed=3) for _ in range(3)]
-    assert runs[0][2]["forward_sequence"] == 1
-    for fwd, bwd, _ in runs[1:]:
-        for a, b in zip(fwd + bwd, runs[0][0] + runs[0][1]):
-            assert torch.equal(a, b)
-
-
-@cuda
-def test_cuda_persistent_random_sizes_around_the_limits():
-    """Sizes on both sides of the fit limits: fitting ones run persistent, the rest fall back, and
-    every one matches the per-step path."""
-    rng = random.Random(2)
-    limits = _device_limits()
-    sizes = [(rng.randint(1, 40), rng.randint(1, 70), rng.choice([31, 32, 33, 127, 128, 200, 300,
-                                                                 400, 513]))
-             for _ in range(10)]
-    for i, (G, B, H) in enumerate(sizes):
-        fits = _C.persistent_plan(G, B, H, 4, False, *limits)["fits"]
-        fwd, bwd, ran = _run_cuda("persistent", G, 3, B, 5, H, torch.float32, seed=i)
-        # never persistent without a plan; with one, the kernel's registers may still rule it out
-        assert ran["forward_sequence"] <= int(fits)
-        ref_f, ref_b, _ = _run_cuda("per_step", G, 3, B, 5, H, torch.float32, seed=i)
-        _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
-        _assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
-
-
-@cuda
-def test_cuda_persistent_several_slices_per_group():
-    """H = 300: no block holds a whole group's W_hh, so every step crosses the inter-block barrier."""
-    G, T, B, C, H = 3, 6, 8, 5, 300
-    plan = _C.persistent_plan(G, B, H, 4, False, *_device_limits())
-    assert plan["fits"] and plan["slices"] > 1
-    fwd, bwd, ran = _run_cuda("persistent", G, T, B, C, H, torch.float32, reverse=True)
-    assert ran["forward_sequence"] == 1
-    ref_f, ref_b, _ = _run_cuda("per_step", G, T, B, C, H, torch.float32, reverse=True)
-    _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
-    _assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
-
-
-@cuda
-def test_cuda_forced_persistent_falls_back_when_it_does_not_fit():
-    fwd, _, ran = _run_cuda("persistent", 2, 2, 4, 3, 20000, torch.float32, lengths=False)
-    assert ran["forward_sequence"] == 0 and ran["forward_per_step"] == 1
-    assert torch.isfinite(fwd[0]).all()
