@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from mtl_kernels import branch_attention  # noqa: E402
-from timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from envinfo import describe  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from timing import median_time  # noqa: E402
 
 SHAPES = [(3, 640, 20), (8, 8192, 256), (4, 8192, 512), (4, 65536, 512)]
 
@@ -49,6 +50,8 @@ def main():
     print(f"# branch attention, {device}, {args.dtype}" +
           (f", {torch.cuda.get_device_name(device)}, measured copy bandwidth {copy_bw / 1e9:.0f} GB/s"
            if copy_bw else f", {torch.get_num_threads()} threads"))
+    env = describe(device)
+    print(f"# env: {env}")
     hdr = (f"{'G':>3}{'M':>7}{'H':>5} | {'fwd unfused':>12}{'fused':>9}{'speedup':>8}"
            f"{'GB/s':>7}{'%copy':>6} | {'f+b unfused':>12}{'fused':>9}{'speedup':>8}")
     print(hdr)
@@ -77,7 +80,7 @@ def main():
               f"{gbs:>7.0f}{pct} | {t_ufb * 1e3:>12.3f}{t_fb * 1e3:>9.3f}{t_ufb / t_fb:>7.2f}x", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": str(device), "dtype": args.dtype, "copy_GBps": copy_bw and copy_bw / 1e9,
+            json.dump({"env": env, "device": str(device), "dtype": args.dtype, "copy_GBps": copy_bw and copy_bw / 1e9,
                        "results": rows}, fh, indent=2)
 
 

@@ -5,7 +5,9 @@ For each config (DESIGN.md): forward and forward+backward medians of
   grouped  - GroupedLSTM (one grouped op),
   batched  - one nn.LSTM over batch G*B (same arithmetic, shared weights: what grouping should
              cost at most),
-and the speed-ups loop/grouped and grouped/batched, all measured in the same run.
+and the speed-ups loop/grouped and grouped/batched, all measured in the same run. With --json,
+the file is rewritten after every row ("complete": false until the last), so a run stopped by a
+time limit keeps the rows done so far.
 
 `grouped` is measured on both recurrence paths: the whole-sequence kernel (the default wherever it
 applies: the persistent kernel on a GPU, rows in parallel on the CPU; the `path` column says what
@@ -22,7 +24,6 @@ each step and the persistent kernel does not.
 import argparse
 import json
 import os
-import platform
 import sys
 
 import torch
@@ -31,7 +32,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mtl_kernels  # noqa: E402
 from mtl_kernels import GroupedLSTM, _C  # noqa: E402
-from timing import median_time  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from envinfo import describe  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from timing import median_time  # noqa: E402
 
 # name: (G, B, T, C, H, input kind)  -- per-task models feed each LSTM its own input, parallel
 # branches feed them one shared input.
@@ -95,8 +97,11 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="p
             t_loop, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns[::2])
             with mtl_kernels.recurrence_path(grouped_path):
                 t_grouped = median_time(fns[1], device, warmup, repeats, min_time)
-            with mtl_kernels.recurrence_path("per_step"):
-                t_step = median_time(fns[1], device, warmup, repeats, min_time)
+            if grouped_path == "per_step":
+                t_step = t_grouped
+            else:
+                with mtl_kernels.recurrence_path("per_step"):
+                    t_step = median_time(fns[1], device, warmup, repeats, min_time)
         row[label] = {"loop_ms": t_loop * 1e3, "grouped_ms": t_grouped * 1e3,
                       "batched_ms": t_batched * 1e3, "speedup_vs_loop": t_loop / t_grouped,
                       "grouped_over_batched": t_grouped / t_batched}
@@ -195,9 +200,9 @@ def main():
         if n not in CONFIGS:
             sys.exit(f"unknown config {n!r}; choose from {', '.join(CONFIGS)}")
 
-    env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "dtype": args.dtype,
-           "tf32": bool(args.tf32) if device.type == "cuda" else None}
+    env = describe(device)
+    env.update({"dtype": args.dtype, "tf32": bool(args.tf32) if device.type == "cuda" else None,
+                "grouped_path": args.grouped_path})
     print(f"# GroupedLSTM benchmark: {env}")
     cuda = device.type == "cuda"
     print("# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.LSTM over G*B); "
@@ -209,6 +214,13 @@ def main():
     print(hdr)
     print("-" * len(hdr))
     rows = []
+
+    def write_json(complete):
+        if args.json:
+            tmp = args.json + ".tmp"
+            with open(tmp, "w") as fh:
+                json.dump({"env": env, "results": rows, "complete": complete}, fh, indent=2)
+            os.replace(tmp, args.json)
 
     def step_cols(d):
         return f"{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
@@ -222,11 +234,10 @@ def main():
               f"{f['speedup_vs_loop']:>7.2f}x{f['grouped_over_batched']:>6.2f}{step_cols(f)} | "
               f"{fb['loop_ms']:>9.3f}{fb['grouped_ms']:>9.3f}{fb['batched_ms']:>9.3f}"
               f"{fb['speedup_vs_loop']:>7.2f}x{fb['grouped_over_batched']:>6.2f}{step_cols(fb)}", flush=True)
+        write_json(False)
     if cuda and args.grouped_path == "persistent":
         env["floor"] = print_floor_table(rows, device, dtype, args)
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"env": env, "results": rows}, fh, indent=2)
+    write_json(True)
 
 
 if __name__ == "__main__":
