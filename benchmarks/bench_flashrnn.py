@@ -44,7 +44,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mtl_kernels  # noqa: E402
 from mtl_kernels import GroupedLSTM  # noqa: E402
-from envinfo import describe  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
+from bench_grouped_lstm import sequence_path  # noqa: E402  (benchmarks/ is on sys.path)
+from envinfo import describe  # noqa: E402
 from timing import median_time  # noqa: E402
 
 CONFIGS = {  # name: (G, B, T, C, H), per-group inputs
@@ -158,8 +159,8 @@ def run_case(name, dtype, flashrnn, backends, device, args, emit):
         got = outputs_and_grads(forward, leaves, x, grad)
         return {n: rel_err(a, b) for n, a, b in zip(("out", "d_w_ih", "d_w_hh", "d_bias"), got, truth)}
 
-    for path in ("persistent", "per_step"):
-        rec = dict(base, impl=f"GroupedLSTM {path}")
+    for path in (sequence_path(), "per_step"):
+        rec = dict(base, impl="GroupedLSTM " + ("persistent" if path != "per_step" else path))
         with mtl_kernels.recurrence_path(path):
             fwd, leaves = grouped_impl(params_rounded, device, dt)
             before = mtl_kernels.path_counts()

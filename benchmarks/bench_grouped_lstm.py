@@ -46,7 +46,20 @@ CONFIGS = {
 }
 
 
-def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="persistent"):
+def sequence_path():
+    """The name of the whole-sequence recurrence path for mtl_kernels.recurrence_path: "sequence",
+    or "persistent" in the versions before the rename."""
+    for name in ("sequence", "persistent"):
+        try:
+            with mtl_kernels.recurrence_path(name):
+                return name
+        except ValueError:
+            pass
+    raise RuntimeError("mtl_kernels.recurrence_path takes neither 'sequence' nor 'persistent'")
+
+
+def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path=None):
+    grouped_path = grouped_path or sequence_path()
     G, B, T, C, H, kind = CONFIGS[name]
     torch.manual_seed(0)
     lstms = nn.ModuleList([nn.LSTM(C, H) for _ in range(G)]).to(device, dtype)
@@ -130,7 +143,7 @@ def step_overhead_seconds(device, dtype, H, warmup, repeats, min_time):
     in fp32 (one barrier per step among them)."""
     m = GroupedLSTM(1, 1, H).to(device, dtype)
     times = []
-    with torch.no_grad(), mtl_kernels.recurrence_path("persistent"):
+    with torch.no_grad(), mtl_kernels.recurrence_path(sequence_path()):
         for T in (1, 513):
             x = torch.randn(T, 1, 1, device=device, dtype=dtype)
             times.append(median_time(lambda: m(x), device, warmup, repeats, min_time))
@@ -184,10 +197,12 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds to keep timing small cases")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 (cuDNN and cuBLAS) on CUDA")
-    ap.add_argument("--grouped-path", default="persistent", choices=["persistent", "per_step"],
+    ap.add_argument("--grouped-path", default="persistent", choices=["persistent", "sequence", "per_step"],
                     help="the path of the 'grouped' column (per_step: skip the whole-sequence kernels)")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
+    if args.grouped_path != "per_step":  # "persistent" and "sequence": the same path, renamed
+        args.grouped_path = sequence_path()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cuda":
@@ -235,7 +250,7 @@ def main():
               f"{fb['loop_ms']:>9.3f}{fb['grouped_ms']:>9.3f}{fb['batched_ms']:>9.3f}"
               f"{fb['speedup_vs_loop']:>7.2f}x{fb['grouped_over_batched']:>6.2f}{step_cols(fb)}", flush=True)
         write_json(False)
-    if cuda and args.grouped_path == "persistent":
+    if cuda and args.grouped_path != "per_step":
         env["floor"] = print_floor_table(rows, device, dtype, args)
     write_json(True)
 

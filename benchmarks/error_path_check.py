@@ -23,14 +23,17 @@ PRELUDE = textwrap.dedent("""
     dev = {device!r}
     G, T, B, C, H = 2, 4, 3, 5, 6
     r = lambda *s, grad=False: torch.randn(*s, device=dev, requires_grad=grad)
+    lstm_forward = getattr(ops, "grouped_lstm_forward", None) or (  # or the cell-generic op
+        lambda x, wi, wh, b, h0, c0, L, rev: ops.grouped_recurrence_forward(
+            "lstm", x, wi, wh, b, None, h0, c0, L, rev))
 """)
 
 CASES = {
     "grouped_lstm_forward, weight_hh (G, 4H, 1)": (
-        "ops.grouped_lstm_forward(r(T, B, C), r(G, 4 * H, C), r(G, 4 * H, 1), r(G, 4 * H), "
+        "lstm_forward(r(T, B, C), r(G, 4 * H, C), r(G, 4 * H, 1), r(G, 4 * H), "
         "r(G, B, H), r(G, B, H), None, False)", "weight_hh"),
     "grouped_lstm_forward through autograd, weight_hh (G, 4H, 1)": (
-        "ops.grouped_lstm_forward(r(T, B, C, grad=True), r(G, 4 * H, C, grad=True), "
+        "lstm_forward(r(T, B, C, grad=True), r(G, 4 * H, C, grad=True), "
         "r(G, 4 * H, 1, grad=True), r(G, 4 * H), r(G, B, H), r(G, B, H), None, False)",
         "weight_hh"),
     "branch_attention_forward, weight (H + 1,)": (

@@ -25,6 +25,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mtl_kernels  # noqa: E402
 from mtl_kernels import GroupedLSTM, branch_attention  # noqa: E402
 from mtl_kernels._ops import ops  # noqa: E402
+from bench_grouped_lstm import sequence_path  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def _sync(device):
@@ -33,6 +34,8 @@ def _sync(device):
 
 
 def every_kernel(path, device):
+    if path != "per_step":
+        path = sequence_path()  # "persistent" before the rename to "sequence"
     before = mtl_kernels.path_counts()
     with mtl_kernels.recurrence_path(path):
         for dtype in (torch.float32, torch.bfloat16):
@@ -58,16 +61,23 @@ def persistent_min(device):
     lengths = torch.tensor([5, 2, 4], device=device)
     grads = r(G, T, B, H), r(G, B, H), r(G, B, H)
     before = mtl_kernels.path_counts()
-    with mtl_kernels.recurrence_path("persistent"):
-        fwd = ops.grouped_lstm_forward(x, w_ih, w_hh, b, h0, c0, lengths, False)
+    generic = not hasattr(ops, "grouped_lstm_forward")  # the cell-generic op that replaces it
+    with mtl_kernels.recurrence_path(sequence_path()):
+        if generic:
+            fwd = ops.grouped_recurrence_forward("lstm", x, w_ih, w_hh, b, None, h0, c0, lengths, False)
+        else:
+            fwd = ops.grouped_lstm_forward(x, w_ih, w_hh, b, h0, c0, lengths, False)
         _sync(device)
         print("persistent forward ran", flush=True)
-        bwd = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *fwd[3:], lengths, False)
+        if generic:
+            bwd = ops.grouped_recurrence_backward("lstm", *grads, x, w_ih, w_hh, *fwd[3:], lengths, False)
+        else:
+            bwd = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *fwd[3:], lengths, False)
         _sync(device)
         print("persistent backward ran", flush=True)
     after = mtl_kernels.path_counts()
     ran = {k: after[k] - before[k] for k in after}
-    finite = all(bool(torch.isfinite(t).all()) for t in (*fwd, *bwd))
+    finite = all(bool(torch.isfinite(t).all()) for t in (*fwd, *bwd) if t is not None)
     print("persistent-min", ran, "all finite" if finite else "NON-FINITE RESULTS", flush=True)
     return ran, finite
 

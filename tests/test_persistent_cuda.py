@@ -19,6 +19,21 @@ from mtl_kernels._ops import ops
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 DEVICE = "cuda"
+
+
+def _sequence_path():
+    """The whole-sequence path's name for mtl_kernels.recurrence_path ("persistent" before it was
+    renamed "sequence")."""
+    for name in ("sequence", "persistent"):
+        try:
+            with mtl_kernels.recurrence_path(name):
+                return name
+        except ValueError:
+            pass
+    raise RuntimeError("recurrence_path takes neither 'sequence' nor 'persistent'")
+
+
+SEQ = _sequence_path()  # the persistent kernel on a GPU
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
@@ -81,14 +96,31 @@ def _plan(G, B, H, dtype, backward):
     return _C.persistent_plan(G, B, H, elem, backward, *_device_limits())
 
 
+def _forward_op(args, reverse):
+    """The grouped-LSTM forward op: (output, h_n, c_n, gates, h_states, c_states). Either the
+    LSTM op or the cell-generic one that replaces it (cell "lstm", no separate bias_hh)."""
+    x, w_ih, w_hh, b, h0, c0, L = args
+    if hasattr(ops, "grouped_lstm_forward"):
+        return ops.grouped_lstm_forward(x, w_ih, w_hh, b, h0, c0, L, reverse)
+    return ops.grouped_recurrence_forward("lstm", x, w_ih, w_hh, b, None, h0, c0, L, reverse)
+
+
+def _backward_op(grads, args, saved, reverse):
+    """The grouped-LSTM backward op: (d input, d w_ih, d w_hh, d bias, d h0, d c0)."""
+    x, w_ih, w_hh, _, _, _, L = args
+    if hasattr(ops, "grouped_lstm_backward"):
+        return ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *saved, L, reverse)
+    r = ops.grouped_recurrence_backward("lstm", *grads, x, w_ih, w_hh, *saved, L, reverse)
+    return tuple(r[:4]) + tuple(r[5:])  # without d bias_hh (GRU only)
+
+
 def _run(path, args, grads, reverse=False):
     """Forward and backward ops on one recurrence path; returns (forward results, backward
     results, how many recurrences ran each way)."""
     before = mtl_kernels.path_counts()
     with mtl_kernels.recurrence_path(path):
-        fwd = ops.grouped_lstm_forward(*args, reverse)
-        x, w_ih, w_hh, _, _, _, L = args
-        bwd = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *fwd[3:], L, reverse)
+        fwd = _forward_op(args, reverse)
+        bwd = _backward_op(grads, args, fwd[3:], reverse)
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     after = mtl_kernels.path_counts()
@@ -106,7 +138,7 @@ def _run_cuda(path, G, T, B, C, H, dtype, shared=True, bias=True, lengths=True, 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_cuda_persistent_matches_per_step(G, T, B, C, H, reverse):
     dtype = torch.float64
-    p_fwd, p_bwd, ran = _run_cuda("persistent", G, T, B, C, H, dtype, reverse=reverse)
+    p_fwd, p_bwd, ran = _run_cuda(SEQ, G, T, B, C, H, dtype, reverse=reverse)
     fits_f = _plan(G, B, H, dtype, False)["fits"]
     fits_b = _plan(G, B, H, dtype, True)["fits"]
     assert ran["forward_sequence"] == int(fits_f) and ran["backward_sequence"] == int(fits_b)
@@ -128,7 +160,7 @@ def test_cuda_persistent_half_and_single(dtype):
     grads = _grads(G, T, B, H, dtype)
     truth_f, truth_b, _ = _run("per_step", _upcast(args), _upcast(grads))
     ref_f, ref_b, _ = _run("per_step", args, grads)
-    got_f, got_b, ran = _run("persistent", args, grads)
+    got_f, got_b, ran = _run(SEQ, args, grads)
     assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
     assert got_f[5].dtype == torch.float32  # fp32 cell state, also for the half types
     limit = 1e-5 if dtype == torch.float32 else 1e-2
@@ -144,7 +176,7 @@ def test_cuda_persistent_is_deterministic(H, slices):
     for backward in (False, True):
         plan = _plan(G, B, H, torch.float32, backward)
         assert plan["fits"] and (plan["slices"] == 1) == (slices == "one"), plan
-    runs = [_run_cuda("persistent", G, T, B, C, H, torch.float32, seed=3) for _ in range(3)]
+    runs = [_run_cuda(SEQ, G, T, B, C, H, torch.float32, seed=3) for _ in range(3)]
     for fwd, bwd, ran in runs:
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
     for fwd, bwd, _ in runs[1:]:
@@ -161,7 +193,7 @@ def test_cuda_persistent_random_sizes_around_the_limits():
              for _ in range(10)]
     for i, (G, B, H) in enumerate(sizes):
         fits = _plan(G, B, H, torch.float32, False)["fits"]
-        fwd, bwd, ran = _run_cuda("persistent", G, 3, B, 5, H, torch.float32, seed=i)
+        fwd, bwd, ran = _run_cuda(SEQ, G, 3, B, 5, H, torch.float32, seed=i)
         # never persistent without a plan; with one, the kernel's registers may still rule it out
         assert ran["forward_sequence"] <= int(fits)
         ref_f, ref_b, _ = _run_cuda("per_step", G, 3, B, 5, H, torch.float32, seed=i)
@@ -179,7 +211,7 @@ def test_cuda_persistent_several_slices_per_group():
         plan = _plan(G, B, H, torch.float32, backward)
         assert plan["fits"] and plan["slices"] > 1, plan
     args, grads = _op_args(G, T, B, C, H, torch.float32), _grads(G, T, B, H, torch.float32)
-    fwd, bwd, ran = _run("persistent", args, grads, reverse=True)
+    fwd, bwd, ran = _run(SEQ, args, grads, reverse=True)
     assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
     ref_f, ref_b, _ = _run("per_step", args, grads, reverse=True)
     truth_f, truth_b, _ = _run("per_step", _upcast(args), _upcast(grads), reverse=True)
@@ -196,7 +228,7 @@ def test_cuda_forced_persistent_falls_back_when_it_does_not_fit():
     for backward in (False, True):
         plan = _plan(G, B, H, torch.float32, backward)
         assert not plan["fits"] and "resident" in plan["reason"], plan
-    fwd, bwd, ran = _run_cuda("persistent", G, T, B, C, H, torch.float32, lengths=False)
+    fwd, bwd, ran = _run_cuda(SEQ, G, T, B, C, H, torch.float32, lengths=False)
     assert ran["forward_sequence"] == 0 and ran["forward_per_step"] == 1
     assert ran["backward_sequence"] == 0 and ran["backward_per_step"] == 1
     assert torch.isfinite(fwd[0]).all() and torch.isfinite(bwd[2]).all()
@@ -228,7 +260,7 @@ def test_cuda_persistent_long_sequence_across_the_barrier():
     grads = _grads(G, T, B, H, torch.float32, seed=8)
     args64, grads64 = _upcast(args), _upcast(grads)
 
-    runs = [_run("persistent", args, grads) for _ in range(3)]
+    runs = [_run(SEQ, args, grads) for _ in range(3)]
     for fwd, bwd, ran in runs:
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
     for fwd, bwd, _ in runs[1:]:
@@ -240,7 +272,7 @@ def test_cuda_persistent_long_sequence_across_the_barrier():
     _assert_as_accurate(runs[0][1], ref_b, truth_b, 1e-5, "fp32 backward")
 
     for reverse in (False, True):
-        fwd, bwd, ran = _run("persistent", args64, grads64, reverse)
+        fwd, bwd, ran = _run(SEQ, args64, grads64, reverse)
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
         ref_f, ref_b, _ = (truth_f, truth_b, None) if not reverse else \
             _run("per_step", args64, grads64, reverse)
