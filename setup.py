@@ -110,8 +110,9 @@ def _want_cuda():
 
 def _extension():
     here = os.path.dirname(os.path.abspath(__file__))
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+    # csrc/ops.cpp (schemas), csrc/common, csrc/cells, csrc/recurrence, csrc/branch_attention
+    cpp = sorted(glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True))
+    cu = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
     # Say the C++ ABI out loud: recent torch no longer adds -D_GLIBCXX_USE_CXX11_ABI to extension
     # builds, and a compiler whose default differs from torch's (e.g. a devtoolset-style g++ that
     # defaults to the old ABI) then builds an extension whose std::string differs from libc10's.
@@ -141,7 +142,7 @@ def _extension():
 
 setup(
     name="mtl_kernels",
-    version="0.1.0",
+    version="0.2.0",
     description="Grouped (multi-task / parallel-branch) LSTMs and fused attention over branches for PyTorch",
     packages=find_packages(include=["mtl_kernels", "mtl_kernels.*"]),
     ext_modules=[_extension()],

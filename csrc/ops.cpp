@@ -1,100 +1,100 @@
-// Every op schema of the package, in one place. Kernels: *_cpu.cpp and *_cuda.cu
-// (TORCH_LIBRARY_IMPL per backend); fake implementations and autograd: mtl_kernels/_ops.py.
+// Every op schema of the package, in one place; the per-cell public ops (composites of the generic
+// recurrence op), the ops' autocast kernels, and the extension module's Python functions.
+//
+// Kernels: recurrence/{cpu.cpp, cuda_per_step.cu} and branch_attention/{cpu.cpp, cuda.cu}
+// (TORCH_LIBRARY_IMPL per backend); autograd: recurrence/autograd.cpp and
+// branch_attention/autograd.cpp (C++, the Autograd key); fake implementations: mtl_kernels/_ops.py.
 #include <Python.h>
+#include <ATen/autocast_mode.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
-#include "grouped_lstm.h"
-#include "lstm_persistent.h"
+#include <string>
 
-namespace {
-
-// _C.path_counts() -> (forward_sequence, forward_steps, backward_sequence, backward_steps): how
-// many grouped-LSTM recurrences ran on the persistent and the per-step path.
-PyObject* py_path_counts(PyObject*, PyObject*) {
-  const mtl_kernels::PathCounts c = mtl_kernels::path_counts();
-  return Py_BuildValue("(LLLL)", (long long)c.forward_sequence, (long long)c.forward_steps,
-                       (long long)c.backward_sequence, (long long)c.backward_steps);
-}
-
-// _C.persistent_plan(G, B, H, elem_bytes, backward, num_sms, smem_per_block, smem_per_sm,
-//                    max_threads_per_sm, max_threads_per_block) -> dict: the persistent kernel's
-// plan for these sizes on a device with these limits (what the CUDA path computes; testable here).
-PyObject* py_persistent_plan(PyObject*, PyObject* args) {
-  long long G, B, H, elem_bytes, sms, smem_block, smem_sm, threads_sm, threads_block;
-  int backward;
-  if (!PyArg_ParseTuple(args, "LLLLpLLLLL", &G, &B, &H, &elem_bytes, &backward, &sms, &smem_block,
-                        &smem_sm, &threads_sm, &threads_block))
-    return nullptr;
-  if (G < 1 || B < 1 || H < 1 || elem_bytes < 1 || sms < 1 || threads_block < 1) {
-    PyErr_SetString(PyExc_ValueError, "persistent_plan: sizes and limits must be positive");
-    return nullptr;
-  }
-  const mtl_kernels::PersistentLimits lim{sms, smem_block, smem_sm, threads_sm, threads_block};
-  const mtl_kernels::PersistentPlan p =
-      mtl_kernels::persistent_plan(G, B, H, elem_bytes, backward != 0, lim);
-  return Py_BuildValue(
-      "{s:O,s:s,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "fits", p.fits ? Py_True : Py_False,
-      "reason", p.reason, "units", (long long)p.units, "slices", (long long)p.slices, "tile_rows",
-      (long long)p.tile_rows, "tiles", (long long)p.tiles, "threads_y", (long long)p.threads_y,
-      "rows_per_thread", (long long)p.rows_per_thread, "chunk", (long long)p.chunk,
-      "threads", (long long)p.threads(),
-      "smem_bytes", (long long)p.smem_bytes(elem_bytes), "blocks", (long long)p.blocks,
-      "blocks_per_sm", (long long)p.blocks_per_sm);
-}
-
-PyMethodDef module_methods[] = {
-    {"path_counts", py_path_counts, METH_NOARGS, "grouped-LSTM recurrences run per path"},
-    {"persistent_plan", py_persistent_plan, METH_VARARGS, "the persistent kernel's plan"},
-    {nullptr, nullptr, 0, nullptr}};
-
-}  // namespace
-
-// `import mtl_kernels._C` loads this shared object, which registers the ops below.
-extern "C" {
-PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
-                                          module_methods};
-  return PyModule_Create(&module_def);
-}
-}
+#include "recurrence/driver.h"
+#include "recurrence/persistent.h"
+#include "recurrence/registration.h"
 
 TORCH_LIBRARY(mtl_kernels, m) {
-  // One layer, one direction, all G groups.
-  //   input (T, B, C) shared by all groups, or (G, T, B, C) one per group
-  //   weight_ih (G, 4H, C), weight_hh (G, 4H, H), bias (G, 4H) = b_ih + b_hh, h0/c0 (G, B, H)
-  //   lengths (B,) int64 on the input's device: steps t >= lengths[b] are padding
-  // Returns output (G, T, B, H), h_n, c_n (G, B, H), and what backward needs:
-  //   gates: activated gates, (T, B, G, 4H) for shared input, (G, T, B, 4H) per group;
-  //   h_states / c_states (G, T+1, B, H): the states between steps (c in fp32 for half types).
+  // ---- the recurrence, any cell (cell: lstm, gru, rnn_tanh, rnn_relu) -------------------------
+  // One layer, one direction, all G groups (K = 4 lstm, 3 gru, 1 rnn_*):
+  //   input (T, B, C) shared by the groups, or (G, T, B, C) one per group
+  //   weight_ih (G, KH, C), weight_hh (G, KH, H)
+  //   bias (G, KH): lstm / rnn: b_ih + b_hh folded; gru: b_ih, with bias_hh (G, KH) apart
+  //   weight_hr (G, P, H): lstm only, nn.LSTM's proj_size: h_t = W_hr (o * tanh(c_t)), P wide
+  //   h0 (G, B, R) with R = P or H; c0 (G, B, H) for lstm only; lengths (B,) int64: steps
+  //   t >= lengths[b] are padding (state held, output 0)
+  // Returns output (G, T, B, R), h_n (G, B, R), c_n (G, B, H) [lstm; else (0,)] and what the
+  // backward needs: gates, the saved per-step values ((T, B, G, KH) for a shared input,
+  // (G, T, B, KH) per group), h_states (G, T+1, B, R), and aux (G, T+1, B, H) in fp32 for the half
+  // types [lstm: the cell states; gru: W_hn h + b_hn per step; rnn: (0,)].
+  m.def(
+      "grouped_recurrence_forward(str cell, Tensor input, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, Tensor? lengths, "
+      "bool reverse) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor h_states, Tensor aux)");
+  // grad_c_n for lstm only. Returns grad_bias (G, KH), grad_bias_hh (G, KH) [gru; else (0,)],
+  // grad_weight_hr [with weight_hr; else (0,)], grad_c0 [lstm; else (0,)].
+  m.def(
+      "grouped_recurrence_backward(str cell, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, "
+      "Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor gates, "
+      "Tensor h_states, Tensor aux, Tensor? lengths, bool reverse) -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_bias_hh, Tensor grad_weight_hr, Tensor grad_h0, Tensor grad_c0)");
+
+  // ---- the same per cell, with each cell's own arguments ----------------------------------------
   m.def(
       "grouped_lstm_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias, "
       "Tensor h0, Tensor c0, Tensor? lengths, bool reverse) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor h_states, Tensor c_states)");
-  // Returns grad_input, grad_weight_ih, grad_weight_hh, grad_bias (G, 4H), grad_h0, grad_c0.
   m.def(
       "grouped_lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor weight_ih, Tensor weight_hh, Tensor gates, Tensor h_states, Tensor c_states, "
       "Tensor? lengths, bool reverse) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_h0, Tensor grad_c0)");
-  // Test hooks: the persistent kernel's work run on the CPU, block by block and thread by thread,
-  // with the tiling given (csrc/grouped_lstm_persistent_emulate.cpp). Same arguments and results as
-  // the two ops above plus the tiling; chunk: dgates columns per shared-memory fill (0: all 4H).
   m.def(
-      "_grouped_lstm_forward_emulated(Tensor input, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? bias, Tensor h0, Tensor c0, Tensor? lengths, bool reverse, int units, "
-      "int tile_rows, int threads_y) -> "
-      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor h_states, Tensor c_states)");
+      "grouped_gru_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
+      "Tensor? bias_hh, Tensor h0, Tensor? lengths, bool reverse) -> "
+      "(Tensor output, Tensor h_n, Tensor gates, Tensor h_states, Tensor hn_states)");
   m.def(
-      "_grouped_lstm_backward_emulated(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, "
-      "Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor gates, Tensor h_states, "
-      "Tensor c_states, Tensor? lengths, bool reverse, int units, int tile_rows, int threads_y, "
-      "int chunk) -> "
+      "grouped_gru_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor gates, Tensor h_states, Tensor hn_states, Tensor? lengths, "
+      "bool reverse) -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias_ih, "
+      "Tensor grad_bias_hh, Tensor grad_h0)");
+  m.def(
+      "grouped_rnn_forward(Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? bias, "
+      "Tensor h0, Tensor? lengths, bool reverse, str nonlinearity=\"tanh\") -> "
+      "(Tensor output, Tensor h_n, Tensor gates, Tensor h_states)");
+  m.def(
+      "grouped_rnn_backward(Tensor grad_output, Tensor grad_h_n, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor gates, Tensor h_states, Tensor? lengths, bool reverse, "
+      "str nonlinearity=\"tanh\") -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
-      "Tensor grad_h0, Tensor grad_c0)");
-  // branches (G, M, H) contiguous, weight (H,), bias (1,) or None.
+      "Tensor grad_h0)");
+
+  // Test hooks: the persistent kernel's work run on the CPU, block by block and thread by thread,
+  // with the tiling given (recurrence/persistent_emulate.cpp). The recurrence ops' arguments and
+  // results plus the tiling; chunk: drec columns per shared-memory fill (0: all KH).
+  m.def(
+      "_grouped_recurrence_forward_emulated(str cell, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, "
+      "Tensor? lengths, bool reverse, int units, int tile_rows, int threads_y) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor h_states, Tensor aux)");
+  m.def(
+      "_grouped_recurrence_backward_emulated(str cell, Tensor grad_output, Tensor grad_h_n, "
+      "Tensor? grad_c_n, Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
+      "Tensor gates, Tensor h_states, Tensor aux, Tensor? lengths, bool reverse, int units, "
+      "int tile_rows, int threads_y, int chunk) -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_bias_hh, Tensor grad_weight_hr, Tensor grad_h0, Tensor grad_c0)");
+
+  // ---- attention over branches ---------------------------------------------------------------
+  // branches (G, M, H), weight (H,), bias (1,) or None.
   // out[m] = sum_g softmax_g(branches[g, m] . weight + bias) * branches[g, m]  -> (M, H)
-  // Also returns weights (G, M) (the softmax) and lse (M,) fp32 (its log-normaliser, for backward).
+  // Also returns weights (G, M) (the softmax) and lse (M,) fp32 for the half types (its
+  // log-normaliser, for backward).
   m.def(
       "branch_attention_forward(Tensor branches, Tensor weight, Tensor? bias) -> "
       "(Tensor out, Tensor weights, Tensor lse)");
@@ -103,4 +103,238 @@ TORCH_LIBRARY(mtl_kernels, m) {
       "branch_attention_backward(Tensor grad_out, Tensor? grad_weights, Tensor branches, "
       "Tensor weight, Tensor? bias, Tensor lse) -> "
       "(Tensor grad_branches, Tensor grad_weight, Tensor grad_bias)");
+}
+
+namespace mtl_kernels {
+namespace {
+
+using Tensor = at::Tensor;
+using ForwardSig = ForwardResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
+                                 const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                 const OptTensor&, const OptTensor&, bool);
+using BackwardSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   bool);
+using AttentionForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                               const OptTensor&);
+
+const c10::TypedOperatorHandle<ForwardSig>& recurrence_forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence_forward", "")
+                       .typed<ForwardSig>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BackwardSig>& recurrence_backward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence_backward", "")
+                       .typed<BackwardSig>();
+  return op;
+}
+
+// ---- the per-cell ops: CompositeImplicitAutograd over the generic op ---------------------------
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
+    const Tensor& input, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias,
+    const Tensor& h0, const Tensor& c0, const OptTensor& lengths, bool reverse) {
+  return recurrence_forward_op().call("lstm", input, weight_ih, weight_hh, bias, std::nullopt,
+                                      std::nullopt, h0, c0, lengths, reverse);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& grad_c_n, const Tensor& input,
+    const Tensor& weight_ih, const Tensor& weight_hh, const Tensor& gates, const Tensor& h_states,
+    const Tensor& c_states, const OptTensor& lengths, bool reverse) {
+  auto [dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0] = recurrence_backward_op().call(
+      "lstm", grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, std::nullopt, gates,
+      h_states, c_states, lengths, reverse);
+  return {dx, dw_ih, dw_hh, db, dh0, dc0};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> gru_forward(
+    const Tensor& input, const Tensor& weight_ih, const Tensor& weight_hh, const OptTensor& bias_ih,
+    const OptTensor& bias_hh, const Tensor& h0, const OptTensor& lengths, bool reverse) {
+  auto [out, h_n, c_n, gates, h_states, hn_states] =
+      recurrence_forward_op().call("gru", input, weight_ih, weight_hh, bias_ih, bias_hh,
+                                   std::nullopt, h0, std::nullopt, lengths, reverse);
+  return {out, h_n, gates, h_states, hn_states};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input, const Tensor& weight_ih,
+    const Tensor& weight_hh, const Tensor& gates, const Tensor& h_states, const Tensor& hn_states,
+    const OptTensor& lengths, bool reverse) {
+  auto [dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0] = recurrence_backward_op().call(
+      "gru", grad_output, grad_h_n, std::nullopt, input, weight_ih, weight_hh, std::nullopt, gates,
+      h_states, hn_states, lengths, reverse);
+  return {dx, dw_ih, dw_hh, db, db_hh, dh0};
+}
+
+std::string rnn_cell(c10::string_view nonlinearity, const char* op) {
+  TORCH_CHECK(nonlinearity == "tanh" || nonlinearity == "relu", op,
+              ": nonlinearity must be 'tanh' or 'relu', got '", std::string(nonlinearity), "'");
+  return nonlinearity == "tanh" ? "rnn_tanh" : "rnn_relu";
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnn_forward(const Tensor& input, const Tensor& weight_ih,
+                                                       const Tensor& weight_hh, const OptTensor& bias,
+                                                       const Tensor& h0, const OptTensor& lengths,
+                                                       bool reverse, c10::string_view nonlinearity) {
+  auto [out, h_n, c_n, gates, h_states, aux] = recurrence_forward_op().call(
+      rnn_cell(nonlinearity, "grouped_rnn_forward"), input, weight_ih, weight_hh, bias, std::nullopt,
+      std::nullopt, h0, std::nullopt, lengths, reverse);
+  return {out, h_n, gates, h_states};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
+    const Tensor& grad_output, const Tensor& grad_h_n, const Tensor& input, const Tensor& weight_ih,
+    const Tensor& weight_hh, const Tensor& gates, const Tensor& h_states, const OptTensor& lengths,
+    bool reverse, c10::string_view nonlinearity) {
+  const Tensor no_aux = at::empty({0}, input.options().dtype(acc_dtype(input.scalar_type())));
+  auto [dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0] = recurrence_backward_op().call(
+      rnn_cell(nonlinearity, "grouped_rnn_backward"), grad_output, grad_h_n, std::nullopt, input,
+      weight_ih, weight_hh, std::nullopt, gates, h_states, no_aux, lengths, reverse);
+  return {dx, dw_ih, dw_hh, db, dh0};
+}
+
+// ---- autocast: compute in the autocast dtype, as nn.LSTM / nn.Linear do -------------------------
+// The casts are differentiable ATen ops, so gradients reach fp32 parameters.
+template <c10::DeviceType kDevice, c10::DispatchKey kKey>
+ForwardResult recurrence_forward_autocast(c10::string_view cell, const Tensor& input,
+                                          const Tensor& weight_ih, const Tensor& weight_hh,
+                                          const OptTensor& bias, const OptTensor& bias_hh,
+                                          const OptTensor& weight_hr, const Tensor& h0,
+                                          const OptTensor& c0, const OptTensor& lengths,
+                                          bool reverse) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+  const at::ScalarType dt = at::autocast::get_autocast_dtype(kDevice);
+  const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
+  const auto cast_opt = [&](const OptTensor& t) {
+    return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
+  };
+  return recurrence_forward_op().call(cell, cast(input), cast(weight_ih), cast(weight_hh),
+                                      cast_opt(bias), cast_opt(bias_hh), cast_opt(weight_hr),
+                                      cast(h0), cast_opt(c0), lengths, reverse);
+}
+
+template <c10::DeviceType kDevice, c10::DispatchKey kKey>
+std::tuple<Tensor, Tensor, Tensor> attention_forward_autocast(const Tensor& branches,
+                                                              const Tensor& weight,
+                                                              const OptTensor& bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mtl_kernels::branch_attention_forward", "")
+                       .typed<AttentionForwardSig>();
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+  const at::ScalarType dt = at::autocast::get_autocast_dtype(kDevice);
+  const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
+  return op.call(cast(branches), cast(weight),
+                 bias.has_value() ? OptTensor(cast(*bias)) : std::nullopt);
+}
+
+// ---- the extension module's functions ------------------------------------------------------
+// _C.path_counts() -> (forward_sequence, forward_per_step, backward_sequence, backward_per_step)
+PyObject* py_path_counts(PyObject*, PyObject*) {
+  const PathCounts c = path_counts();
+  return Py_BuildValue("(LLLL)", (long long)c.forward_sequence, (long long)c.forward_per_step,
+                       (long long)c.backward_sequence, (long long)c.backward_per_step);
+}
+
+// _C.set_recurrence_path(name) -> previous name; name in auto, sequence, per_step.
+PyObject* py_set_recurrence_path(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  RecurrencePath path;
+  try {
+    path = parse_recurrence_path(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  RecurrencePath old;
+  try {
+    old = recurrence_path();
+  } catch (const c10::Error&) {
+    old = RecurrencePath::kAuto;  // an invalid environment value is replaced
+  }
+  set_recurrence_path(path);
+  return PyUnicode_FromString(recurrence_path_name(old));
+}
+
+PyObject* py_get_recurrence_path(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(recurrence_path_name(recurrence_path()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+// _C.persistent_plan(G, B, H, elem_bytes, backward, num_sms, smem_per_block, smem_per_sm,
+//                    max_threads_per_sm, max_threads_per_block, gates=4) -> dict: the persistent
+// kernel's plan for these sizes on a device with these limits (what the CUDA path computes;
+// testable here). gates: the cell's K (4 lstm, 3 gru, 1 rnn).
+PyObject* py_persistent_plan(PyObject*, PyObject* args) {
+  long long G, B, H, elem_bytes, sms, smem_block, smem_sm, threads_sm, threads_block, gates = 4;
+  int backward;
+  if (!PyArg_ParseTuple(args, "LLLLpLLLLL|L", &G, &B, &H, &elem_bytes, &backward, &sms, &smem_block,
+                        &smem_sm, &threads_sm, &threads_block, &gates))
+    return nullptr;
+  if (G < 1 || B < 1 || H < 1 || elem_bytes < 1 || sms < 1 || threads_block < 1 || gates < 1) {
+    PyErr_SetString(PyExc_ValueError, "persistent_plan: sizes and limits must be positive");
+    return nullptr;
+  }
+  const PersistentLimits lim{sms, smem_block, smem_sm, threads_sm, threads_block};
+  const PersistentPlan p = persistent_plan(gates, G, B, H, elem_bytes, backward != 0, lim);
+  return Py_BuildValue(
+      "{s:O,s:s,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "fits",
+      p.fits ? Py_True : Py_False, "reason", p.reason, "gates", (long long)gates, "units",
+      (long long)p.units, "slices", (long long)p.slices, "tile_rows", (long long)p.tile_rows,
+      "tiles", (long long)p.tiles, "threads_y", (long long)p.threads_y, "rows_per_thread",
+      (long long)p.rows_per_thread, "chunk", (long long)p.chunk, "threads", (long long)p.threads(),
+      "smem_bytes", (long long)p.smem_bytes(elem_bytes), "blocks", (long long)p.blocks,
+      "blocks_per_sm", (long long)p.blocks_per_sm);
+}
+
+PyMethodDef module_methods[] = {
+    {"path_counts", py_path_counts, METH_NOARGS, "recurrences run per path since import"},
+    {"set_recurrence_path", py_set_recurrence_path, METH_VARARGS,
+     "set the recurrence path (auto, sequence, per_step); returns the previous one"},
+    {"get_recurrence_path", py_get_recurrence_path, METH_NOARGS, "the recurrence path"},
+    {"persistent_plan", py_persistent_plan, METH_VARARGS, "the persistent kernel's plan"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtl_kernels, CompositeImplicitAutograd, m) {
+  m.impl("grouped_lstm_forward", &lstm_forward);
+  m.impl("grouped_lstm_backward", &lstm_backward);
+  m.impl("grouped_gru_forward", &gru_forward);
+  m.impl("grouped_gru_backward", &gru_backward);
+  m.impl("grouped_rnn_forward", &rnn_forward);
+  m.impl("grouped_rnn_backward", &rnn_backward);
+}
+
+TORCH_LIBRARY_IMPL(mtl_kernels, AutocastCPU, m) {
+  m.impl("grouped_recurrence_forward",
+         &recurrence_forward_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("branch_attention_forward",
+         &attention_forward_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+}
+
+TORCH_LIBRARY_IMPL(mtl_kernels, AutocastCUDA, m) {
+  m.impl("grouped_recurrence_forward",
+         &recurrence_forward_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("branch_attention_forward",
+         &attention_forward_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+}
+
+}  // namespace mtl_kernels
+
+// `import mtl_kernels._C` loads this shared object, which registers the ops above.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1,
+                                          mtl_kernels::module_methods};
+  return PyModule_Create(&module_def);
+}
 }

@@ -1,5 +1,7 @@
-"""Thin Python layer over torch.ops.mtl_kernels.*: fake (meta) implementations for torch.compile and
-opcheck, and the entry point the modules use. Autograd is registered in C++ (csrc/*_autograd.cpp)."""
+"""Thin Python layer over torch.ops.mtl_kernels.*: fake (meta) implementations for torch.compile
+and opcheck, and the entry points the modules use. Autograd is registered in C++
+(csrc/recurrence/autograd.cpp, csrc/branch_attention/autograd.cpp); under torch.func transforms
+the entry points here use the Python autograd.Functions of _functorch.py instead."""
 from typing import Optional, Tuple
 
 import torch
@@ -9,67 +11,91 @@ from . import _C  # noqa: F401  (loading the extension registers the ops)
 
 ops = torch.ops.mtl_kernels
 
+# Gate blocks per cell (the K of the (G, K*H, ...) weights) and whether it has a cell state.
+CELL_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+CELL_HAS_STATE = {"lstm": True, "gru": False, "rnn_tanh": False, "rnn_relu": False}
+CELL_HAS_AUX = {"lstm": True, "gru": True, "rnn_tanh": False, "rnn_relu": False}
 
-def _opmath(dtype: torch.dtype) -> torch.dtype:
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 # ---------------------------------------------------------------------------------------------
-# grouped LSTM: one layer, one direction, all groups
+# the recurrence, any cell: one layer, one direction, all groups
 # ---------------------------------------------------------------------------------------------
-@torch.library.register_fake("mtl_kernels::grouped_lstm_forward")
-def _grouped_lstm_forward_fake(input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse):
-    G, H4, _ = weight_ih.shape
-    H = H4 // 4
+@torch.library.register_fake("mtl_kernels::grouped_recurrence_forward")
+def _recurrence_forward_fake(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0,
+                             lengths, reverse):
+    torch._check(cell in CELL_GATES, lambda: f"unknown cell {cell!r}")
+    G, KH, _ = weight_ih.shape
+    H = KH // CELL_GATES[cell]
+    R = H if weight_hr is None else weight_hr.shape[1]  # the width of h (P with a projection)
     shared = input.dim() == 3
     T, B = (input.shape[0], input.shape[1]) if shared else (input.shape[1], input.shape[2])
-    output = input.new_empty(G, T, B, H)
-    h_n, c_n = input.new_empty(G, B, H), input.new_empty(G, B, H)
-    gates = input.new_empty(T, B, G, H4) if shared else input.new_empty(G, T, B, H4)
-    h_states = input.new_empty(G, T + 1, B, H)
-    c_states = input.new_empty(G, T + 1, B, H, dtype=_opmath(input.dtype))
-    return output, h_n, c_n, gates, h_states, c_states
+    acc = _acc(input.dtype)
+    output = input.new_empty(G, T, B, R)
+    h_n = input.new_empty(G, B, R)
+    c_n = input.new_empty(G, B, H) if CELL_HAS_STATE[cell] else input.new_empty(0)
+    gates = input.new_empty(T, B, G, KH) if shared else input.new_empty(G, T, B, KH)
+    h_states = input.new_empty(G, T + 1, B, R)
+    aux = input.new_empty(G, T + 1, B, H, dtype=acc) if CELL_HAS_AUX[cell] else input.new_empty(0, dtype=acc)
+    return output, h_n, c_n, gates, h_states, aux
 
 
-@torch.library.register_fake("mtl_kernels::grouped_lstm_backward")
-def _grouped_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
-                                gates, h_states, c_states, lengths, reverse):
-    G, H4, _ = weight_ih.shape
+@torch.library.register_fake("mtl_kernels::grouped_recurrence_backward")
+def _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
+                              weight_hr, gates, h_states, aux, lengths, reverse):
+    G, KH, _ = weight_ih.shape
+    grad_bias_hh = weight_ih.new_empty(G, KH) if cell == "gru" else weight_ih.new_empty(0)
+    grad_w_hr = torch.empty_like(weight_hr) if weight_hr is not None else weight_ih.new_empty(0)
+    grad_c0 = torch.empty_like(grad_c_n) if CELL_HAS_STATE[cell] else grad_h_n.new_empty(0)
     return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
-            weight_ih.new_empty(G, H4), torch.empty_like(grad_h_n), torch.empty_like(grad_c_n))
+            weight_ih.new_empty(G, KH), grad_bias_hh, grad_w_hr, torch.empty_like(grad_h_n),
+            grad_c0)
 
 
-# Test hooks (the persistent kernel's work run on the CPU): same results as the ops above.
-@torch.library.register_fake("mtl_kernels::_grouped_lstm_forward_emulated")
-def _grouped_lstm_forward_emulated_fake(input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse,
-                                        units, tile_rows, threads_y):
-    return _grouped_lstm_forward_fake(input, weight_ih, weight_hh, bias, h0, c0, lengths, reverse)
+# Test hooks (the persistent kernel's work run on the CPU): the same results as the ops above.
+@torch.library.register_fake("mtl_kernels::_grouped_recurrence_forward_emulated")
+def _recurrence_forward_emulated_fake(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr,
+                                      h0, c0, lengths, reverse, units, tile_rows, threads_y):
+    return _recurrence_forward_fake(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0,
+                                    c0, lengths, reverse)
 
 
-@torch.library.register_fake("mtl_kernels::_grouped_lstm_backward_emulated")
-def _grouped_lstm_backward_emulated_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih,
-                                         weight_hh, gates, h_states, c_states, lengths, reverse,
-                                         units, tile_rows, threads_y, chunk):
-    return _grouped_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
-                                       gates, h_states, c_states, lengths, reverse)
+@torch.library.register_fake("mtl_kernels::_grouped_recurrence_backward_emulated")
+def _recurrence_backward_emulated_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                       weight_hh, weight_hr, gates, h_states, aux, lengths, reverse,
+                                       units, tile_rows, threads_y, chunk):
+    return _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                     weight_hh, weight_hr, gates, h_states, aux, lengths, reverse)
 
 
-# Autograd for grouped_lstm_forward is registered in C++ (csrc/grouped_lstm_autograd.cpp): the
-# Python path's fixed cost was a fifth of a small forward+backward on the CPU.
+def recurrence_layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+                     bias: Optional[Tensor], bias_hh: Optional[Tensor], h0: Tensor,
+                     c0: Optional[Tensor], lengths: Optional[Tensor] = None,
+                     reverse: bool = False, weight_hr: Optional[Tensor] = None,
+                     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One layer, one direction, all G groups of a cell ("lstm", "gru", "rnn_tanh", "rnn_relu").
+
+    input (T, B, C) shared or (G, T, B, C) per group; weight_ih (G, KH, C); weight_hh (G, KH, R);
+    bias (G, KH) (lstm / rnn: b_ih + b_hh; gru: b_ih) or None; bias_hh (G, KH) (gru only) or None;
+    h0 (G, B, R); c0 (G, B, H) (lstm only); lengths (B,) int64 on input's device or None;
+    weight_hr (G, P, H) (lstm only, a projection: R = P, else R = H).
+    Returns output (G, T, B, R), h_n (G, B, R), c_n (G, B, H) or None.
+    """
+    forward = _functorch.recurrence_forward if _functorch.transforms_active() else \
+        ops.grouped_recurrence_forward
+    output, h_n, c_n, _, _, _ = forward(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr,
+                                        h0, c0, lengths, reverse)
+    return output, h_n, (c_n if CELL_HAS_STATE[cell] else None)
 
 
 def grouped_lstm_layer(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias: Optional[Tensor],
                        h0: Tensor, c0: Tensor, lengths: Optional[Tensor] = None,
                        reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """One layer, one direction, all G groups.
-
-    input (T, B, C) shared or (G, T, B, C) per group; weight_ih (G, 4H, C); weight_hh (G, 4H, H);
-    bias (G, 4H) or None; h0, c0 (G, B, H); lengths (B,) int64 on input's device or None.
-    Returns output (G, T, B, H), h_n (G, B, H), c_n (G, B, H).
-    """
-    output, h_n, c_n, _, _, _ = ops.grouped_lstm_forward(input, weight_ih, weight_hh, bias, h0, c0,
-                                                         lengths, reverse)
-    return output, h_n, c_n
+    """One LSTM layer and direction for all G groups: recurrence_layer("lstm", ...)."""
+    return recurrence_layer("lstm", input, weight_ih, weight_hh, bias, None, h0, c0, lengths, reverse)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,14 +105,12 @@ def grouped_lstm_layer(input: Tensor, weight_ih: Tensor, weight_hh: Tensor, bias
 def _branch_attention_forward_fake(branches, weight, bias):
     G, M, H = branches.shape
     return (branches.new_empty(M, H), branches.new_empty(G, M),
-            branches.new_empty(M, dtype=_opmath(branches.dtype)))
+            branches.new_empty(M, dtype=_acc(branches.dtype)))
 
 
 @torch.library.register_fake("mtl_kernels::branch_attention_backward")
 def _branch_attention_backward_fake(grad_out, grad_weights, branches, weight, bias, lse):
-    return (torch.empty_like(branches), torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else branches.new_empty(1))
+    return torch.empty_like(branches), torch.empty_like(weight), branches.new_empty(1)
 
 
-# Autograd for branch_attention_forward is registered in C++ (csrc/branch_attention_autograd.cpp):
-# at the seed models' sizes the Python autograd path cost more than the kernels themselves.
+from . import _functorch  # noqa: E402  (after the fakes: it registers the vmap rules)

@@ -6,14 +6,16 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .branch_attention import BranchAttention
-from .grouped_lstm import GroupedLSTM
+from .grouped_rnn import grouped_module_for
 
 _COMBINES = ("concat", "attention", "mean", "sum", None)
 
 
 class ParallelLSTM(nn.Module):
-    """N LSTM branches over the same input, combined.
+    """N recurrent branches over the same input, combined.
 
+    cell: "lstm" (default), "gru" (the seeds' parallel GRUs), "rnn_tanh" or "rnn_relu": the
+    branches are a GroupedLSTM / GroupedGRU / GroupedRNN (attribute ``lstm``, whatever the cell).
     combine: "concat" (concatenate the branches, then Linear(N*D*H, H)), "attention"
     (BranchAttention over branches), "mean", "sum", or None (return all branches, (N, B, T, D*H)
     with batch_first). Input (B, T, C) [(T, B, C) if not batch_first]; returns (B, T, H') where H'
@@ -22,14 +24,16 @@ class ParallelLSTM(nn.Module):
 
     def __init__(self, num_branches: int, input_size: int, hidden_size: int,
                  combine: Optional[str] = "concat", num_layers: int = 1, batch_first: bool = True,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None):
+                 dropout: float = 0.0, bidirectional: bool = False, cell: str = "lstm",
+                 device=None, dtype=None):
         super().__init__()
         if combine not in _COMBINES:
             raise ValueError(f"combine must be one of {_COMBINES}, got {combine!r}")
         self.combine = combine
-        self.lstm = GroupedLSTM(num_branches, input_size, hidden_size, num_layers,
-                                batch_first=batch_first, dropout=dropout,
-                                bidirectional=bidirectional, device=device, dtype=dtype)
+        module, extra = grouped_module_for(cell)
+        self.lstm = module(num_branches, input_size, hidden_size, num_layers,
+                           batch_first=batch_first, dropout=dropout, bidirectional=bidirectional,
+                           device=device, dtype=dtype, **extra)
         width = hidden_size * (2 if bidirectional else 1)
         if combine == "concat":
             self.proj = nn.Linear(num_branches * width, hidden_size, device=device, dtype=dtype)
@@ -71,7 +75,8 @@ def _pool(seq: Tensor, lengths: Optional[Tensor], how: str) -> Tensor:
 
 
 class MultiTaskLSTM(nn.Module):
-    """One LSTM per task, each with its own Linear head; optional shared embedding.
+    """One recurrent net per task (cell "lstm" by default, or "gru", "rnn_tanh", "rnn_relu"), each
+    with its own Linear head; optional shared embedding.
 
     forward(x, lengths=None, task=None):
       x: (B, T, C) shared by every task, (K, B, T, C) one batch per task, token ids (B, T) /
@@ -85,7 +90,7 @@ class MultiTaskLSTM(nn.Module):
     def __init__(self, input_size: Optional[int], hidden_size: int, output_sizes: Sequence[int],
                  vocab_size: Optional[int] = None, embedding_dim: Optional[int] = None,
                  num_layers: int = 1, dropout: float = 0.0, pooling: str = "last",
-                 padding_idx: Optional[int] = None, device=None, dtype=None):
+                 padding_idx: Optional[int] = None, cell: str = "lstm", device=None, dtype=None):
         super().__init__()
         if pooling not in ("last", "mean", "max"):
             raise ValueError(f"pooling must be 'last', 'mean' or 'max', got {pooling!r}")
@@ -100,8 +105,9 @@ class MultiTaskLSTM(nn.Module):
             raise ValueError("input_size is required without an embedding")
         self.num_tasks = len(output_sizes)
         self.pooling = pooling
-        self.lstm = GroupedLSTM(self.num_tasks, in_size, hidden_size, num_layers, batch_first=True,
-                                dropout=dropout, device=device, dtype=dtype)
+        module, extra = grouped_module_for(cell)
+        self.lstm = module(self.num_tasks, in_size, hidden_size, num_layers, batch_first=True,
+                           dropout=dropout, device=device, dtype=dtype, **extra)
         self.heads = nn.ModuleList([nn.Linear(hidden_size, k, device=device, dtype=dtype)
                                     for k in output_sizes])
 

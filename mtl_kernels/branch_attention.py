@@ -4,6 +4,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from . import _functorch
 from ._ops import ops
 
 
@@ -25,14 +26,16 @@ def branch_attention(branches: Tensor, weight: Tensor, bias: Optional[Tensor] = 
         raise ValueError(f"branch_attention: weight must be ({H},) or (1, {H}), got {tuple(weight.shape)}")
     if bias is not None and bias.numel() != 1:
         raise ValueError(f"branch_attention: bias must have one element, got {tuple(bias.shape)}")
+    autocast = torch._C._is_any_autocast_enabled()  # the op casts to the autocast dtype itself
     for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and (t.dtype != branches.dtype or t.device != branches.device):
+        if t is not None and ((t.dtype != branches.dtype and not autocast) or t.device != branches.device):
             raise ValueError(f"branch_attention: {name} ({t.dtype}, {t.device}) must match branches "
                              f"({branches.dtype}, {branches.device})")
     rows = branches.shape[1:-1]
     x = branches.reshape(G, -1, H).contiguous()  # (G, M, H); copies only oddly-strided input
-    out, weights, _ = ops.branch_attention_forward(x, weight.reshape(H),
-                                                   None if bias is None else bias.reshape(1))
+    forward = _functorch.branch_attention_forward if _functorch.transforms_active() else \
+        ops.branch_attention_forward
+    out, weights, _ = forward(x, weight.reshape(H), None if bias is None else bias.reshape(1))
     out = out.view(*rows, H)
     return (out, weights.view(G, *rows)) if return_weights else out
 

@@ -7,26 +7,28 @@ os.environ.setdefault("MTL_KERNELS_POISON", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-# Every device-parametrised test runs on both grouped-LSTM recurrence paths: the whole-sequence
-# kernel (the persistent kernel on a GPU, where its plan fits; rows in parallel on the CPU, for
-# H <= 128) and the per-step path.
-CUDA_PATHS = ["persistent", "per_step"]
+import mtl_kernels  # noqa: E402
+
+# Every device-parametrised test runs on both recurrence paths: the whole sequence in one kernel
+# call (the persistent kernel on a GPU, where its plan fits; rows in parallel on the CPU) and the
+# per-step path.
+CUDA_PATHS = ["sequence", "per_step"]
 DEVICES = ["cpu", "cpu-per_step"] + (
     [f"cuda-{p}" for p in CUDA_PATHS] if torch.cuda.is_available() else [])
 
 
 @pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
+def device(request):
     kind, _, path = request.param.partition("-")
-    monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", path or "auto")
-    return torch.device(kind)
+    with mtl_kernels.recurrence_path(path or "sequence"):
+        yield torch.device(kind)
 
 
 @pytest.fixture(params=CUDA_PATHS)
-def cuda_path(request, monkeypatch):
+def cuda_path(request):
     """For GPU-only tests: run them on both recurrence paths."""
-    monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", request.param)
-    return request.param
+    with mtl_kernels.recurrence_path(request.param):
+        yield request.param
 
 
 @pytest.fixture(autouse=True)

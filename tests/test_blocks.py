@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
-import mtl_kernels.grouped_lstm as grouped_lstm_module
+import mtl_kernels.grouped_rnn as grouped_rnn_module
 from mtl_kernels import GroupedLSTM, MultiTaskLSTM, ParallelLSTM
 from mtl_kernels.reference import MultiTaskLSTMRef, ParallelLSTMBlockRef
 
@@ -69,13 +69,13 @@ def test_multitask_one_task_runs_only_its_group(device, monkeypatch):
     _copy_multitask(ref, model)
     x = torch.randn(5, 3, 4, dtype=torch.float64, device=device)
     seen = []
-    real_layer = grouped_lstm_module.grouped_lstm_layer
+    real_layer = grouped_rnn_module.recurrence_layer
 
-    def spy(input, weight_ih, *args, **kwargs):
+    def spy(cell, input, weight_ih, *args, **kwargs):
         seen.append(weight_ih.shape[0])
-        return real_layer(input, weight_ih, *args, **kwargs)
+        return real_layer(cell, input, weight_ih, *args, **kwargs)
 
-    monkeypatch.setattr(grouped_lstm_module, "grouped_lstm_layer", spy)
+    monkeypatch.setattr(grouped_rnn_module, "recurrence_layer", spy)
     out = model(x, task=1)
     assert seen == [1]  # one group's recurrence, not all three
     torch.testing.assert_close(out, ref(x, task=1))

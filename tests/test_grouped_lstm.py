@@ -316,11 +316,13 @@ def test_torch_compile_aot_eager():
 
 # ------------------------------------------------------------------ bad input -----------------
 def test_errors():
+    """Module-level errors: nn.LSTM's exception types where nn.LSTM has the same error
+    (test_dropin.py compares them one by one)."""
     m = GroupedLSTM(2, 3, 4, num_layers=2)
     x = torch.randn(5, 2, 3)
-    with pytest.raises(ValueError, match="3-D .* or 4-D"):
-        m(torch.randn(5, 3))
-    with pytest.raises(ValueError, match="input_size"):
+    with pytest.raises(ValueError, match="2D .*3D .*4D"):
+        m(torch.randn(1, 1, 5, 2, 3))
+    with pytest.raises(RuntimeError, match="input_size"):
         m(torch.randn(5, 2, 4))
     with pytest.raises(ValueError, match="per-group input has 3 groups"):
         m(torch.randn(3, 5, 2, 3))
@@ -334,35 +336,37 @@ def test_errors():
         m(x, lengths=torch.tensor([5, 5, 5]))
     with pytest.raises(ValueError, match="integer"):
         m(x, lengths=torch.tensor([5.0, 5.0]))
-    with pytest.raises(RuntimeError, match=r"Expected hidden h0 size \(2, 2, 2, 4\)"):
+    with pytest.raises(RuntimeError, match=r"Expected hidden\[0\] size \(2, 2, 2, 4\)"):
         m(x, (torch.zeros(2, 1, 2, 4), torch.zeros(2, 2, 2, 4)))
     with pytest.raises(ValueError, match="tuple"):
         m(x, torch.zeros(2, 2, 2, 4))
     with pytest.raises(ValueError, match=r"groups must lie in \[0, 2\)"):
         m(x, groups=[2])
-    with pytest.raises(ValueError, match="no time steps"):
+    with pytest.raises(RuntimeError, match="sequence length to be larger than 0"):
         m(torch.randn(0, 2, 3))
     packed = pack_padded_sequence(x, torch.tensor([5, 3]))
     with pytest.raises(ValueError, match="lengths must be None"):
         m(packed, lengths=torch.tensor([5, 3]))
-    for bad in (0, -1, 2.5):
+    for bad in (0, -1):
         with pytest.raises(ValueError, match="hidden_size"):
             GroupedLSTM(2, 3, bad)
+    with pytest.raises(TypeError, match="hidden_size"):
+        GroupedLSTM(2, 3, 2.5)
     with pytest.raises(ValueError, match="dropout"):
         GroupedLSTM(2, 3, 4, dropout=1.5)
 
 
 def test_op_errors_name_the_argument():
     x, w_ih, w_hh, b, h0, c0, lengths, _ = _op_args(True, True, False, "cpu")
-    with pytest.raises(RuntimeError, match="weight_hh must be"):
+    with pytest.raises(RuntimeError, match="weight_hh must have shape"):
         ops.grouped_lstm_forward(x, w_ih, w_hh[:, :, :1], b, h0, c0, lengths, False)
-    with pytest.raises(RuntimeError, match="h0 must be"):
+    with pytest.raises(RuntimeError, match="h0 must have shape"):
         ops.grouped_lstm_forward(x, w_ih, w_hh, b, h0[:, :2], c0, lengths, False)
-    with pytest.raises(RuntimeError, match="bias has dtype"):
+    with pytest.raises(RuntimeError, match="bias must have dtype"):
         ops.grouped_lstm_forward(x, w_ih, w_hh, b.float(), h0, c0, lengths, False)
     with pytest.raises(RuntimeError, match=r"lengths must lie in \[1, 4\]"):
         ops.grouped_lstm_forward(x, w_ih, w_hh, b, h0, c0, torch.tensor([0, 1, 2]), False)
-    with pytest.raises(RuntimeError, match="lengths must be int64"):
+    with pytest.raises(RuntimeError, match="lengths must have dtype torch.int64"):
         ops.grouped_lstm_forward(x, w_ih, w_hh, b, h0, c0, torch.tensor([1, 1, 2], dtype=torch.int32), False)
 
 

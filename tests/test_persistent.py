@@ -11,6 +11,8 @@ import pytest
 import torch
 
 import mtl_kernels
+from helpers import (CELLS, GATES, assert_all_close, backward_args, recurrence_args, recurrence_grads,
+                     rel_err, upcast)
 from mtl_kernels import GroupedLSTM, _C
 from mtl_kernels._ops import ops
 
@@ -21,165 +23,150 @@ MAX_ROWS = 8  # kPersistentMaxRows
 MAX_THREADS = 256  # kPersistentMaxThreads
 
 
-def _op_args(G, T, B, C, H, dtype, shared, bias, lengths, seed=0, device="cpu"):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(device)  # noqa: E731
-    x = r(T, B, C) if shared else r(G, T, B, C)
-    w_ih, w_hh = r(G, 4 * H, C) * 0.5, r(G, 4 * H, H) * 0.5
-    b = r(G, 4 * H) if bias else None
-    h0, c0 = r(G, B, H), r(G, B, H)
-    L = torch.randint(1, T + 1, (B,), generator=g).to(device) if lengths else None
-    return x, w_ih, w_hh, b, h0, c0, L
-
-
-def _grads(G, T, B, H, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
-    return r(G, T, B, H), r(G, B, H), r(G, B, H)
-
-
-def _assert_all_close(got, want, **tol):
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert not a.isnan().any(), f"result {i} has unwritten (NaN-poisoned) elements"
-        torch.testing.assert_close(a, b, msg=lambda m: f"result {i}: {m}", **tol)
-
-
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5),
        torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
 
 
+def _forward_both(cell, args, reverse, tiling):
+    """The per-step op and the emulated persistent kernel on the same arguments."""
+    ref = ops.grouped_recurrence_forward(cell, *args, reverse)
+    emu = ops._grouped_recurrence_forward_emulated(cell, *args, reverse, *tiling[:3])
+    return ref, emu
+
+
 # ---- the emulator: the CUDA kernel's work, run on the CPU ---------------------------------------
 # (G, T, B, C, H, (units, tile_rows, threads_y, chunk)): whole-group blocks, one unit per block,
-# slices and tiles that do not divide H and B, one row per thread and up to 8, backward dgates fills
-# of all 4H columns (0), of one column, and of chunks that do not divide 4H; G = T = B = H = 1.
+# slices and tiles that do not divide H and B, one row per thread and up to 8, backward drec fills
+# of all KH columns (0), of one column, and of chunks that do not divide KH; G = T = B = H = 1.
 TILINGS = [
     (3, 5, 7, 4, 6, (6, 7, 7, 0)),
     (3, 5, 7, 4, 6, (1, 1, 1, 1)),
     (3, 5, 7, 4, 6, (4, 3, 2, 7)),
-    (2, 4, 9, 3, 7, (3, 9, 2, 28)),  # 5 rows per thread -> the kRows=8 instance, tile edge mid-thread
+    (2, 4, 9, 3, 7, (3, 9, 2, 5)),  # 5 rows per thread -> the kRows=8 instance, tile edge mid-thread
     (2, 6, 13, 5, 10, (4, 5, 1, 16)),
     (1, 1, 1, 1, 1, (1, 1, 1, 0)),
-    (1, 3, 2, 2, 1, (1, 2, 1, 3)),
-    (4, 2, 1, 3, 5, (2, 1, 1, 19)),
-    (2, 7, 16, 3, 33, (32, 16, 2, 33)),  # 8 rows per thread, 2 slices of 32 and 1, 4 chunks
-    # H and chunks multiples of 4: the 4-wide inner loops (forward over h, backward over dgates)
-    (2, 4, 5, 3, 8, (3, 5, 2, 12)),
+    (1, 3, 2, 2, 1, (1, 2, 1, 1)),
+    (4, 2, 1, 3, 5, (2, 1, 1, 3)),
+    (2, 7, 16, 3, 33, (32, 16, 2, 33)),  # 8 rows per thread, 2 slices of 32 and 1, chunks
+    # H and chunks multiples of 4: the 4-wide inner loops (forward over h, backward over drec)
+    (2, 4, 5, 3, 8, (3, 5, 2, 4)),
     (3, 3, 6, 2, 12, (5, 4, 1, 0)),
-    (1, 2, 3, 2, 4, (4, 3, 3, 8)),
-    (2, 3, 9, 2, 16, (16, 9, 2, 20)),  # 4-wide chunks of 20 and a last one of 4
+    (1, 2, 3, 2, 4, (4, 3, 3, 4)),
+    (2, 3, 9, 2, 16, (16, 9, 2, 8)),
 ]
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("G,T,B,C,H,tiling", TILINGS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("shared,bias,lengths", [(True, True, True), (False, False, True),
                                                  (True, False, False), (False, True, False)])
-def test_emulated_persistent_matches_per_step_fp64(G, T, B, C, H, tiling, reverse, shared, bias,
-                                                   lengths):
-    args = _op_args(G, T, B, C, H, torch.float64, shared, bias, lengths)
-    ref = ops.grouped_lstm_forward(*args, reverse)
-    emu = ops._grouped_lstm_forward_emulated(*args, reverse, *tiling[:3])
-    _assert_all_close(emu, ref, **TOL[torch.float64])
-    x, w_ih, w_hh, _, _, _, L = args
-    grads = _grads(G, T, B, H, torch.float64)
-    ref_b = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *ref[3:], L, reverse)
-    emu_b = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *emu[3:], L, reverse, *tiling)
-    _assert_all_close(emu_b, ref_b, **TOL[torch.float64])
+def test_emulated_persistent_matches_per_step_fp64(cell, G, T, B, C, H, tiling, reverse, shared,
+                                                   bias, lengths):
+    tiling = (*tiling[:3], min(tiling[3], GATES[cell] * H))  # drec columns per fill <= KH
+    args = recurrence_args(cell, G, T, B, C, H, shared=shared, bias=bias, lengths=lengths)
+    ref, emu = _forward_both(cell, args, reverse, tiling)
+    assert_all_close(emu, ref, **TOL[torch.float64])
+    grads = recurrence_grads(cell, G, T, B, H)
+    ref_b = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, ref, reverse))
+    emu_b = ops._grouped_recurrence_backward_emulated(
+        cell, *backward_args(cell, grads, args, emu, reverse), *tiling)
+    assert_all_close(emu_b, ref_b, **TOL[torch.float64])
 
 
-def _rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_emulated_persistent_half_and_single(dtype):
+def test_emulated_persistent_half_and_single(cell, dtype):
     """Against fp64 on the same (rounded) inputs, the emulated kernel is as accurate as the
     per-step path (it keeps the recurrent sums and dh in fp32 registers, the per-step path rounds
     h @ W_hh^T and dh to the input dtype between steps)."""
-    G, T, B, C, H, tiling = 3, 6, 5, 4, 12, (5, 3, 1, 16)
-    args = _op_args(G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
-    args64 = [a.double() if a is not None and a.is_floating_point() else a for a in args]
-    truth = ops.grouped_lstm_forward(*args64, False)
-    ref = ops.grouped_lstm_forward(*args, False)
-    emu = ops._grouped_lstm_forward_emulated(*args, False, *tiling[:3])
-    assert emu[5].dtype == torch.float32  # fp32 cell state for the half types
+    G, T, B, C, H = 3, 6, 5, 4, 12
+    tiling = (5, 3, 1, min(16, GATES[cell] * H))
+    args = recurrence_args(cell, G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
+    args64 = upcast(args)
+    truth = ops.grouped_recurrence_forward(cell, *args64, False)
+    ref, emu = _forward_both(cell, args, False, tiling)
+    assert emu[5].dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)  # fp32 aux
     limit = 1e-6 if dtype == torch.float32 else 1e-2
     for i in range(6):
         assert not emu[i].isnan().any()
-        assert _rel_err(emu[i], truth[i]) <= max(1.5 * _rel_err(ref[i], truth[i]), limit), i
-    x, w_ih, w_hh, _, _, _, L = args
-    grads = _grads(G, T, B, H, dtype)
-    truth_b = ops.grouped_lstm_backward(*[g.double() for g in grads], *args64[:3], *truth[3:],
-                                        L, False)
-    ref_b = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *ref[3:], L, False)
-    emu_b = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *emu[3:], L, False, *tiling)
-    for i in range(6):
+        if emu[i].numel():
+            assert rel_err(emu[i], truth[i]) <= max(1.5 * rel_err(ref[i], truth[i]), limit), i
+    grads = recurrence_grads(cell, G, T, B, H, dtype)
+    truth_b = ops.grouped_recurrence_backward(
+        cell, *backward_args(cell, upcast(grads), args64, truth, False))
+    ref_b = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, ref, False))
+    emu_b = ops._grouped_recurrence_backward_emulated(
+        cell, *backward_args(cell, grads, args, emu, False), *tiling)
+    for i in range(len(emu_b)):
         assert not emu_b[i].isnan().any()
-        assert _rel_err(emu_b[i], truth_b[i]) <= max(1.5 * _rel_err(ref_b[i], truth_b[i]), limit), i
+        if emu_b[i].numel():
+            assert rel_err(emu_b[i], truth_b[i]) <= max(1.5 * rel_err(ref_b[i], truth_b[i]), limit), i
 
 
-def test_emulated_paths_mix():
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_paths_mix(cell):
     """The two paths save the same tensors: either backward runs on either forward's."""
     G, T, B, C, H, tiling = 2, 5, 4, 3, 5, (2, 3, 2, 0)
-    args = _op_args(G, T, B, C, H, torch.float64, shared=True, bias=True, lengths=True)
-    x, w_ih, w_hh, _, _, _, L = args
-    grads = _grads(G, T, B, H, torch.float64)
-    per_step = ops.grouped_lstm_forward(*args, False)
-    emulated = ops._grouped_lstm_forward_emulated(*args, False, *tiling[:3])
-    want = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *per_step[3:], L, False)
-    got_1 = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *per_step[3:], L, False, *tiling)
-    got_2 = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *emulated[3:], L, False)
-    _assert_all_close(got_1, want, **TOL[torch.float64])
-    _assert_all_close(got_2, want, **TOL[torch.float64])
+    args = recurrence_args(cell, G, T, B, C, H, shared=True, bias=True, lengths=True)
+    grads = recurrence_grads(cell, G, T, B, H)
+    per_step, emulated = _forward_both(cell, args, False, tiling)
+    want = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, per_step, False))
+    got_1 = ops._grouped_recurrence_backward_emulated(
+        cell, *backward_args(cell, grads, args, per_step, False), *tiling)
+    got_2 = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, emulated, False))
+    assert_all_close(got_1, want, **TOL[torch.float64])
+    assert_all_close(got_2, want, **TOL[torch.float64])
 
 
-def test_emulated_random_tilings():
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_random_tilings(cell):
     rng = random.Random(0)
-    for seed in range(12):
+    for seed in range(8):
         G, T, B, C, H = (rng.randint(1, 4), rng.randint(1, 6), rng.randint(1, 12), rng.randint(1, 5),
                          rng.randint(1, 12))
         units, tile_rows = rng.randint(1, H), rng.randint(1, B)
         threads_y = rng.randint(-(-tile_rows // MAX_ROWS), tile_rows)
-        tiling = (units, tile_rows, threads_y, rng.choice([0, rng.randint(1, 4 * H)]))
+        tiling = (units, tile_rows, threads_y, rng.choice([0, rng.randint(1, GATES[cell] * H)]))
         shared, bias, lengths, reverse = (rng.random() < 0.5 for _ in range(4))
-        args = _op_args(G, T, B, C, H, torch.float64, shared, bias, lengths, seed=seed)
-        ref = ops.grouped_lstm_forward(*args, reverse)
-        emu = ops._grouped_lstm_forward_emulated(*args, reverse, *tiling[:3])
-        _assert_all_close(emu, ref, **TOL[torch.float64])
-        x, w_ih, w_hh, _, _, _, L = args
-        grads = _grads(G, T, B, H, torch.float64, seed=seed)
-        ref_b = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *ref[3:], L, reverse)
-        emu_b = ops._grouped_lstm_backward_emulated(*grads, x, w_ih, w_hh, *emu[3:], L, reverse,
-                                                    *tiling)
-        _assert_all_close(emu_b, ref_b, **TOL[torch.float64])
+        args = recurrence_args(cell, G, T, B, C, H, shared=shared, bias=bias, lengths=lengths,
+                               seed=seed)
+        ref, emu = _forward_both(cell, args, reverse, tiling)
+        assert_all_close(emu, ref, **TOL[torch.float64])
+        grads = recurrence_grads(cell, G, T, B, H, seed=seed)
+        ref_b = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, ref, reverse))
+        emu_b = ops._grouped_recurrence_backward_emulated(
+            cell, *backward_args(cell, grads, args, emu, reverse), *tiling)
+        assert_all_close(emu_b, ref_b, **TOL[torch.float64])
 
 
 @pytest.mark.parametrize("tiling", [(0, 2, 1), (7, 2, 1), (2, 0, 1), (2, 5, 1), (2, 4, 5),
                                     (2, 4, 0)])
 def test_emulated_rejects_invalid_tiling(tiling):
-    args = _op_args(2, 3, 4, 3, 5, torch.float64, True, True, False)
+    args = recurrence_args("lstm", 2, 3, 4, 3, 5)
     # units > H, tile_rows > B, threads_y > tile_rows, zeros: all invalid; (2, 5, 1) > B = 4
     with pytest.raises(RuntimeError, match="invalid tiling"):
-        ops._grouped_lstm_forward_emulated(*args, False, *tiling[:3])
+        ops._grouped_recurrence_forward_emulated("lstm", *args, False, *tiling[:3])
 
 
-def test_emulated_ops_opcheck():
-    args = _op_args(2, 3, 4, 3, 5, torch.float64, True, True, True)
-    torch.library.opcheck(ops._grouped_lstm_forward_emulated, (*args, False, 2, 3, 2))
-    fwd = ops._grouped_lstm_forward_emulated(*args, False, 2, 3, 2)
-    x, w_ih, w_hh, _, _, _, L = args
-    torch.library.opcheck(ops._grouped_lstm_backward_emulated,
-                          (*_grads(2, 3, 4, 5, torch.float64), x, w_ih, w_hh, *fwd[3:], L, False,
-                           2, 3, 2, 7))
+@pytest.mark.parametrize("cell", CELLS)
+def test_emulated_ops_opcheck(cell):
+    args = recurrence_args(cell, 2, 3, 4, 3, 5, lengths=True)
+    torch.library.opcheck(ops._grouped_recurrence_forward_emulated, (cell, *args, False, 2, 3, 2))
+    fwd = ops._grouped_recurrence_forward_emulated(cell, *args, False, 2, 3, 2)
+    grads = recurrence_grads(cell, 2, 3, 4, 5)
+    torch.library.opcheck(ops._grouped_recurrence_backward_emulated,
+                          (cell, *backward_args(cell, grads, args, fwd, False), 2, 3, 2, 4))
 
 
 # ---- the planner ----------------------------------------------------------------------------
-def _plan(G, B, H, elem_bytes, backward, limits=H100):
-    return _C.persistent_plan(G, B, H, elem_bytes, backward, *limits)
+def _plan(G, B, H, elem_bytes, backward, limits=H100, gates=4):
+    return _C.persistent_plan(G, B, H, elem_bytes, backward, *limits, gates)
 
 
-def _check_plan_invariants(p, G, B, H, elem_bytes, backward, limits=H100):
+def _check_plan_invariants(p, G, B, H, elem_bytes, backward, limits=H100, gates=4):
     sms, smem_block, smem_sm, threads_sm, threads_block = limits
+    assert p["gates"] == gates
     assert 1 <= p["units"] <= min(H, MAX_THREADS)
     assert p["slices"] == -(-H // p["units"])
     assert 1 <= p["tile_rows"] <= B and p["tiles"] == -(-B // p["tile_rows"])
@@ -187,8 +174,8 @@ def _check_plan_invariants(p, G, B, H, elem_bytes, backward, limits=H100):
     assert p["rows_per_thread"] in (1, 2, 4, 8)
     assert p["threads"] == p["units"] * p["threads_y"] <= min(MAX_THREADS, threads_block)
     cols = p["chunk"]
-    assert 1 <= cols <= (4 * H if backward else H) and (backward or cols == H)
-    w_bytes = -(-4 * p["units"] * H * elem_bytes // 16) * 16
+    assert 1 <= cols <= (gates * H if backward else H) and (backward or cols == H)
+    w_bytes = -(-gates * p["units"] * H * elem_bytes // 16) * 16
     assert p["smem_bytes"] == w_bytes + p["tile_rows"] * cols * elem_bytes <= smem_block
     assert p["blocks"] == G * p["tiles"] * p["slices"]
     assert p["blocks"] <= p["blocks_per_sm"] * sms  # co-resident
@@ -202,14 +189,15 @@ CONFIGS = {"seed-tasks": (2, 32, 50), "seed-branches": (3, 32, 20), "many-small"
 @pytest.mark.parametrize("name", list(CONFIGS))
 @pytest.mark.parametrize("elem_bytes", [4, 2])
 @pytest.mark.parametrize("backward", [False, True])
-def test_plan_benchmark_configs_on_h100(name, elem_bytes, backward):
+@pytest.mark.parametrize("gates", [4, 3, 1])
+def test_plan_benchmark_configs_on_h100(name, elem_bytes, backward, gates):
     G, B, H = CONFIGS[name]
-    p = _plan(G, B, H, elem_bytes, backward)
+    p = _plan(G, B, H, elem_bytes, backward, gates=gates)
     assert p["fits"], p["reason"]
-    if name == "multitask" and backward and elem_bytes == 4:
-        # whole fp32 dgates rows (4 KB) next to a 128 KB W_hh slice leave too few rows per block
+    if name == "multitask" and backward and elem_bytes == 4 and gates == 4:
+        # whole fp32 drec rows (4 KB) next to a 128 KB W_hh slice leave too few rows per block
         assert p["chunk"] < 4 * H
-    _check_plan_invariants(p, G, B, H, elem_bytes, backward)
+    _check_plan_invariants(p, G, B, H, elem_bytes, backward, gates=gates)
     if name == "seed-branches":
         assert p["slices"] == 1  # one block holds a whole group: no inter-block barrier at all
 
@@ -219,11 +207,11 @@ def test_plan_random_sizes_hold_invariants():
     fits = 0
     for _ in range(400):
         G, B, H = rng.randint(1, 64), rng.randint(1, 300), rng.randint(1, 700)
-        elem_bytes, backward = rng.choice([2, 4, 8]), rng.random() < 0.5
-        p = _plan(G, B, H, elem_bytes, backward)
+        elem_bytes, backward, gates = rng.choice([2, 4, 8]), rng.random() < 0.5, rng.choice([1, 3, 4])
+        p = _plan(G, B, H, elem_bytes, backward, gates=gates)
         if p["fits"]:
             fits += 1
-            _check_plan_invariants(p, G, B, H, elem_bytes, backward)
+            _check_plan_invariants(p, G, B, H, elem_bytes, backward, gates=gates)
         else:
             assert p["reason"]
     assert 50 < fits < 400  # the sample reaches both sides of the limits
@@ -234,6 +222,10 @@ def test_plan_does_not_fit_when_one_unit_exceeds_shared_memory():
     assert not p["fits"] and "shared memory" in p["reason"]
     p = _plan(200, 64, 256, 4, False)  # 1600 blocks of 128 KB: cannot all be resident
     assert not p["fits"] and "resident" in p["reason"]
+    # a slice's W_hh is K x units x H: at multitask size (H = 256, fp32) an LSTM slice holds 32
+    # units (8 slices per group), a GRU's 64 (4 slices), an RNN's 128 (2)
+    slices = [_plan(8, 64, 256, 4, False, gates=k)["slices"] for k in (4, 3, 1)]
+    assert slices == [8, 4, 2], slices
 
 
 def _ran(fn):
@@ -256,34 +248,62 @@ def test_recurrence_path_switch_and_cpu_counts():
         ran = _ran(lambda: large(x)[0].sum().backward())
         assert ran["forward_per_step"] == 1 and ran["backward_per_step"] == 1
     with mtl_kernels.recurrence_path("per_step"):
+        assert _C.get_recurrence_path() == "per_step"
         ran = _ran(lambda: small(x)[0].sum().backward())
         assert ran["forward_per_step"] == 1 and ran["backward_per_step"] == 1
-    with mtl_kernels.recurrence_path("persistent"):
-        ran = _ran(lambda: small(x)[0].sum().backward())
+    with mtl_kernels.recurrence_path("sequence"):  # at any size
+        ran = _ran(lambda: large(x)[0].sum().backward())
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
 
 
-def test_invalid_path_variable_raises(monkeypatch):
-    monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", "fastest")
-    with pytest.raises(RuntimeError, match="MTL_KERNELS_LSTM_PATH must be"):
-        GroupedLSTM(2, 3, 4)(torch.randn(5, 2, 3))
+def test_path_switch_is_one_setting_for_every_thread():
+    """The switch is the extension's atomic setting, not the environment: a thread sees what
+    another set, and the environment variable no longer moves it once read."""
+    import os
+    import threading
+    seen = []
+    with mtl_kernels.recurrence_path("per_step"):
+        os.environ["MTL_KERNELS_LSTM_PATH"] = "sequence"
+        try:
+            t = threading.Thread(target=lambda: seen.append(_C.get_recurrence_path()))
+            t.start()
+            t.join()
+        finally:
+            del os.environ["MTL_KERNELS_LSTM_PATH"]
+    assert seen == ["per_step"]
 
 
-@pytest.mark.parametrize("H", [1, 5, 64, 128])
+def test_invalid_path_variable_raises():
+    """MTL_KERNELS_LSTM_PATH is read once, when the extension first needs the path: a bad value
+    fails then, naming the variable's choices."""
+    import subprocess
+    import sys
+    code = ("import torch, mtl_kernels\n"
+            "try:\n    mtl_kernels.GroupedLSTM(2, 3, 4)(torch.randn(5, 2, 3))\n"
+            "except RuntimeError as e:\n    print('raised', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**__import__("os").environ, "MTL_KERNELS_LSTM_PATH": "fastest"})
+    assert "raised" in out.stdout and "'auto', 'sequence' or 'per_step'" in out.stdout, out
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("H", [1, 5, 64, 129])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_cpu_row_parallel_matches_per_step(H, dtype, monkeypatch):
+def test_cpu_row_parallel_matches_per_step(cell, H, dtype):
     """The CPU's whole-sequence path (rows in parallel, its own W_hh products) against its
     per-step path (MKL batched GEMMs), forward and backward, with lengths, both directions."""
     G, T, B, C = 3, 6, 5, 4
     for reverse in (False, True):
-        args = _op_args(G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
-        x, w_ih, w_hh, _, _, _, L = args
-        grads = _grads(G, T, B, H, dtype)
+        args = recurrence_args(cell, G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
+        grads = recurrence_grads(cell, G, T, B, H, dtype)
         results = {}
-        for path in ("auto", "per_step"):
-            monkeypatch.setenv("MTL_KERNELS_LSTM_PATH", path)
-            fwd = ops.grouped_lstm_forward(*args, reverse)
-            bwd = ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *fwd[3:], L, reverse)
-            results[path] = fwd + bwd
-        tol = TOL[dtype] if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
-        _assert_all_close(results["auto"], results["per_step"], **tol)
+        for path in ("sequence", "per_step"):
+            with mtl_kernels.recurrence_path(path):
+                ran = _ran(lambda: results.setdefault(path, []).extend(
+                    (fwd := ops.grouped_recurrence_forward(cell, *args, reverse))
+                    + ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, fwd,
+                                                                           reverse))))
+            assert ran[f"forward_{path}"] == 1 and ran[f"backward_{path}"] == 1
+        # fp64: the two paths sum the W_hh products in different orders
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
+        assert_all_close(results["sequence"], results["per_step"], **tol)

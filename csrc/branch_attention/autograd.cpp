@@ -7,12 +7,15 @@
 // the built-in ops use; torch.compile and opcheck see it like any autograd kernel (as in
 // torchvision's ops), and the fake implementations stay in Python (_ops.py). Under
 // backward(create_graph=True) the backward is a differentiable composite, so double backward works.
+// Under torch.func transforms the Python API goes through mtl_kernels/_functorch.py instead.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include "autograd_util.h"
+
+#include "common/autograd_util.h"
+#include "common/functorch.h"
 
 namespace mtl_kernels {
 namespace {
@@ -82,6 +85,7 @@ class BranchAttentionFunction : public torch::autograd::Function<BranchAttention
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_autograd(
     const at::Tensor& branches, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  check_no_functorch("branch_attention_forward", "mtl_kernels.branch_attention / BranchAttention");
   variable_list result = BranchAttentionFunction::apply(branches, weight, bias);
   return {result[0], result[1], result[2]};
 }

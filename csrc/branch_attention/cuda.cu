@@ -10,9 +10,10 @@
 
 #include <limits>
 
-#include "branch_attention.h"
-#include "branch_attention_common.h"
-#include "grouped_lstm.h"  // poison_if_enabled
+#include "branch_attention/math.h"
+#include "branch_attention/checks.h"
+#include "common/dispatch.h"
+#include "common/poison.h"
 
 namespace mtl_kernels {
 namespace {
@@ -194,17 +195,6 @@ int num_blocks(int64_t M) {
   return int(std::max<int64_t>(1, std::min(by_rows, cap)));
 }
 
-// Calls f.template operator()<K>() with the smallest K in {1, 2, 4, 8, 16, 32} covering H.
-template <typename F>
-void dispatch_k(int64_t H, F&& f) {
-  if (H <= 32) f(std::integral_constant<int, 1>{});
-  else if (H <= 64) f(std::integral_constant<int, 2>{});
-  else if (H <= 128) f(std::integral_constant<int, 4>{});
-  else if (H <= 256) f(std::integral_constant<int, 8>{});
-  else if (H <= 512) f(std::integral_constant<int, 16>{});
-  else f(std::integral_constant<int, 32>{});
-}
-
 // Composite path for H > 32 * kMaxK: correct, not fused.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_composite(const at::Tensor& x,
                                                                  const at::Tensor& w,
@@ -219,10 +209,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_composite(const at::Tenso
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_cuda(
-    const at::Tensor& branches, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const BranchAttentionShape shape = check_branch_attention_args(branches, weight, bias);
+    const at::Tensor& branches_, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const BranchAttentionShape shape =
+      check_branch_attention_args("branch_attention_forward", branches_, weight, bias);
   const int64_t G = shape.G, M = shape.M, H = shape.H;
-  const c10::cuda::CUDAGuard guard(branches.device());
+  const c10::cuda::CUDAGuard guard(branches_.device());
+  const at::Tensor branches = branches_.contiguous();  // the kernels index rows as (G, M, H)
   if (H > 32 * kMaxK) return forward_composite(branches, weight, bias);
   const auto acc = at::toOpMathType(branches.scalar_type());
   at::Tensor out = at::empty({M, H}, branches.options());
@@ -234,10 +226,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_cuda(
   poison_if_enabled(lse);
   if (M == 0) return {out, weights, lse};
   const at::Tensor w = weight.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branches.scalar_type(),
+  MTL_DISPATCH_FLOATING_TYPES(branches.scalar_type(),
                                   "branch_attention_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    dispatch_k(H, [&](auto k) {
+    static_switch_at_least<1, 2, 4, 8, 16, 32>((H + 31) / 32, [&](auto k) {  // K = features per lane
       forward_kernel<scalar_t, acc_t, decltype(k)::value>
           <<<num_blocks(M), kWarpsPerBlock * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
               branches.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(),
@@ -252,23 +244,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_cuda(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_backward_cuda(
     const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& branches, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& branches_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lse_) {
-  const BranchAttentionShape shape = check_branch_attention_args(branches, weight, bias);
+  const BranchAttentionShape shape =
+      check_branch_attention_backward_args(grad_out_, grad_weights, branches_, weight, bias, lse_);
   const int64_t G = shape.G, M = shape.M, H = shape.H;
-  TORCH_CHECK(grad_out_.sizes() == at::IntArrayRef({M, H}),
-              "branch_attention_backward: grad_out must be (", M, ", ", H, "), got ",
-              grad_out_.sizes());
-  const c10::cuda::CUDAGuard guard(branches.device());
-  const auto acc = at::toOpMathType(branches.scalar_type());
-  const at::Tensor grad_out = grad_out_.to(branches.scalar_type()).contiguous();
-  const at::Tensor lse = lse_.to(acc).contiguous();
-  at::Tensor gw;
-  if (grad_weights.has_value()) {
-    TORCH_CHECK(grad_weights->sizes() == at::IntArrayRef({G, M}),
-                "branch_attention_backward: grad_weights must be (", G, ", ", M, ")");
-    gw = grad_weights->to(branches.scalar_type()).contiguous();
-  }
+  const c10::cuda::CUDAGuard guard(branches_.device());
+  const auto acc = at::toOpMathType(branches_.scalar_type());
+  const at::Tensor branches = branches_.contiguous();
+  const at::Tensor grad_out = grad_out_.contiguous();
+  const at::Tensor lse = lse_.contiguous();
+  const at::Tensor gw = grad_weights.has_value() && grad_weights->defined()
+                            ? grad_weights->contiguous() : at::Tensor();
   at::Tensor dx, dw, db;
   if (H > 32 * kMaxK) {  // composite path, same formulas as the kernel
     const at::Tensor x = branches.to(acc), wv = weight.to(acc), go = grad_out.to(acc);
@@ -289,10 +276,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_backward_cuda(
     at::Tensor dw_partial = at::empty({blocks, H}, branches.options().dtype(acc));
     at::Tensor db_partial = at::empty({blocks}, branches.options().dtype(acc));
     const at::Tensor w = weight.contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branches.scalar_type(),
+    MTL_DISPATCH_FLOATING_TYPES(branches.scalar_type(),
                                     "branch_attention_backward_cuda", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      dispatch_k(H, [&](auto k) {
+      static_switch_at_least<1, 2, 4, 8, 16, 32>((H + 31) / 32, [&](auto k) {  // K = features per lane
         backward_kernel<scalar_t, acc_t, decltype(k)::value>
             <<<blocks, kWarpsPerBlock * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
                 grad_out.data_ptr<scalar_t>(), gw.defined() ? gw.data_ptr<scalar_t>() : nullptr,
@@ -307,8 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_backward_cuda(
     db = db_partial.sum();
   }
   const auto dtype = branches.scalar_type();
-  at::Tensor grad_bias = bias.has_value() ? db.to(dtype).view(bias->sizes()) : db.to(dtype).view({1});
-  return {dx, dw.to(dtype), grad_bias};
+  return {dx, dw.to(dtype), db.to(dtype).view({1})};
 }
 
 }  // namespace

@@ -9,9 +9,10 @@
 #include <limits>
 #include <vector>
 
-#include "branch_attention.h"
-#include "branch_attention_common.h"
-#include "grouped_lstm.h"  // poison_if_enabled
+#include "branch_attention/math.h"
+#include "branch_attention/checks.h"
+#include "common/dispatch.h"
+#include "common/poison.h"
 
 namespace mtl_kernels {
 namespace {
@@ -134,9 +135,11 @@ void backward_cpu_typed(const at::Tensor& gout_t, const at::Tensor& gw_t, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_cpu(
-    const at::Tensor& branches, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  const BranchAttentionShape shape = check_branch_attention_args(branches, weight, bias);
+    const at::Tensor& branches_, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const BranchAttentionShape shape =
+      check_branch_attention_args("branch_attention_forward", branches_, weight, bias);
   const int64_t G = shape.G, M = shape.M, H = shape.H;
+  const at::Tensor branches = branches_.contiguous();  // the kernels index rows as (G, M, H)
   at::Tensor out = at::empty({M, H}, branches.options());
   at::Tensor weights = at::empty({G, M}, branches.options());
   at::Tensor lse = at::empty({M}, branches.options().dtype(at::toOpMathType(branches.scalar_type())));
@@ -144,8 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_cpu(
   poison_if_enabled(weights);
   poison_if_enabled(lse);
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branches.scalar_type(),
-                                  "branch_attention_forward_cpu", [&] {
+  MTL_DISPATCH_FLOATING_TYPES(branches.scalar_type(), "branch_attention_forward_cpu", [&] {
     forward_cpu_typed<scalar_t>(branches, weight.contiguous(), b, out, weights, lse);
   });
   return {out, weights, lse};
@@ -153,32 +155,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_forward_cpu(
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> branch_attention_backward_cpu(
     const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_weights,
-    const at::Tensor& branches, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& branches_, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const at::Tensor& lse) {
-  const BranchAttentionShape shape = check_branch_attention_args(branches, weight, bias);
-  const int64_t G = shape.G, M = shape.M, H = shape.H;
-  TORCH_CHECK(grad_out.sizes() == at::IntArrayRef({M, H}), "branch_attention_backward: grad_out must be (",
-              M, ", ", H, "), got ", grad_out.sizes());
-  at::Tensor gw;
-  if (grad_weights.has_value()) {
-    TORCH_CHECK(grad_weights->sizes() == at::IntArrayRef({G, M}),
-                "branch_attention_backward: grad_weights must be (", G, ", ", M, ")");
-    gw = grad_weights->to(branches.scalar_type()).contiguous();
-  }
+  const BranchAttentionShape shape =
+      check_branch_attention_backward_args(grad_out, grad_weights, branches_, weight, bias, lse);
+  const int64_t H = shape.H;
+  const at::Tensor branches = branches_.contiguous();
+  const at::Tensor gw = grad_weights.has_value() && grad_weights->defined()
+                            ? grad_weights->contiguous() : at::Tensor();
   const auto acc = at::toOpMathType(branches.scalar_type());
   at::Tensor dx = at::empty_like(branches);
   poison_if_enabled(dx);
   at::Tensor dw = at::empty({H}, branches.options().dtype(acc));
   at::Tensor db = at::empty({1}, branches.options().dtype(acc));
   const at::Tensor b = bias.has_value() ? *bias : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, branches.scalar_type(),
-                                  "branch_attention_backward_cpu", [&] {
-    backward_cpu_typed<scalar_t>(grad_out.to(branches.scalar_type()).contiguous(), gw, branches,
-                                 weight.contiguous(), b, lse.contiguous(), dx, dw, db);
+  MTL_DISPATCH_FLOATING_TYPES(branches.scalar_type(), "branch_attention_backward_cpu", [&] {
+    backward_cpu_typed<scalar_t>(grad_out.contiguous(), gw, branches, weight.contiguous(), b,
+                                 lse.contiguous(), dx, dw, db);
   });
-  at::Tensor grad_bias = bias.has_value() ? db.to(branches.scalar_type()).view(bias->sizes())
-                                          : db.to(branches.scalar_type());
-  return {dx, dw.to(branches.scalar_type()), grad_bias};
+  const auto dtype = branches.scalar_type();
+  return {dx, dw.to(dtype), db.to(dtype)};
 }
 
 }  // namespace

@@ -11,7 +11,9 @@
 // The softmax is recomputed from the saved log-normaliser lse[m] = log sum_g exp(s[g, m]).
 #pragma once
 
-#include "lstm_cell.h"  // MTL_HD
+#include <cmath>
+
+#include "common/macros.h"
 
 namespace mtl_kernels {
 

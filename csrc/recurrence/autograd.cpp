@@ -1,0 +1,195 @@
+// Autograd of grouped_recurrence_forward, in C++ (the Autograd key: every backend), for every cell.
+//
+// Why C++: the Python torch.library.register_autograd path cost ~250 us per layer and direction
+// forward+backward on the CPU at the seed models' sizes, and on a GPU, where the persistent kernel
+// runs a small sequence in tens of microseconds, such a fixed cost decides the speed-up. The fake
+// implementations stay in Python (_ops.py). Under backward(create_graph=True) the backward is a
+// differentiable composite (the forward recomputed in ATen ops through the cell's own templated
+// formula), so double backward works. torch.func transforms refuse C++ autograd Functions: the
+// Python API goes through the autograd.Function of mtl_kernels/_functorch.py then.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cells/cell.h"
+#include "common/autograd_util.h"
+#include "common/functorch.h"
+#include "recurrence/registration.h"
+#include "recurrence/sequence.h"
+
+namespace mtl_kernels {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Tensor = at::Tensor;
+
+using ForwardSig = ForwardResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
+                                 const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                 const OptTensor&, const OptTensor&, bool);
+using BackwardSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   bool);
+
+// The cells' templated forward over tensors: each value a (G, B, H) tensor.
+struct TensorMath {
+  static Tensor sigmoid(const Tensor& x) { return at::sigmoid(x); }
+  static Tensor tanh(const Tensor& x) { return at::tanh(x); }
+  static Tensor relu(const Tensor& x) { return at::relu(x); }
+};
+
+// The op's forward in differentiable ATen ops: output (G, T, B, R), h_n, c_n (G, B, H; undefined
+// without a cell state). The test suite's Python oracle is reference.recurrence_composite.
+template <class Cell>
+std::vector<Tensor> composite_forward(const Tensor& input, const Tensor& w_ih, const Tensor& w_hh,
+                                      const Tensor& bias, const Tensor& bias_hh, const Tensor& w_hr,
+                                      const Tensor& h0, const Tensor& c0, const Tensor& lengths,
+                                      bool reverse) {
+  constexpr int K = Cell::kGates;
+  Tensor xp = input.dim() == 3 ? at::einsum("tbc,gnc->gtbn", {input, w_ih})  // (G, T, B, KH)
+                               : at::einsum("gtbc,gnc->gtbn", {input, w_ih});
+  if (bias.defined()) xp = xp + bias.unsqueeze(1).unsqueeze(1);
+  const int64_t T = xp.size(1);
+  const Tensor w_hh_t = w_hh.transpose(1, 2);  // (G, H, KH)
+  Tensor h = h0, c = c0;
+  std::vector<Tensor> outs(T);
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = forward_time(s, T, reverse);
+    Tensor rec = at::bmm(h, w_hh_t);  // (G, B, KH)
+    if (bias_hh.defined()) rec = rec + bias_hh.unsqueeze(1);
+    const std::vector<Tensor> xs = xp.select(1, t).chunk(K, -1), rs = rec.chunk(K, -1);
+    Tensor x[K], r[K], act[K], h_t, aux_t;
+    for (int k = 0; k < K; ++k) {
+      x[k] = xs[k];
+      r[k] = rs[k];
+    }
+    Cell::template forward<TensorMath>(x, r, h, c, act, h_t, aux_t);
+    if (w_hr.defined()) h_t = at::bmm(h_t, w_hr.transpose(1, 2));  // the projection, (G, B, P)
+    Tensor out_t = h_t;
+    if (lengths.defined()) {  // padding steps hold the state and emit zeros
+      const Tensor valid = lengths.to(xp.device()).gt(t).to(xp.scalar_type()).view({1, -1, 1});
+      const Tensor held = at::rsub(valid, 1);
+      if (Cell::kCellState) aux_t = valid * aux_t + held * c;
+      out_t = valid * h_t;
+      h_t = out_t + held * h;
+    }
+    outs[t] = out_t;
+    h = h_t;
+    if (Cell::kCellState) c = aux_t;
+  }
+  return {at::stack(outs, 1), h, Cell::kCellState ? c : Tensor()};
+}
+
+Tensor defined_or_null(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+
+class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const std::string& cell, const Tensor& input,
+                               const Tensor& weight_ih, const Tensor& weight_hh,
+                               const OptTensor& bias, const OptTensor& bias_hh,
+                               const OptTensor& weight_hr, const Tensor& h0, const OptTensor& c0,
+                               const OptTensor& lengths, bool reverse) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mtl_kernels::grouped_recurrence_forward", "")
+                         .typed<ForwardSig>();
+    Tensor output, h_n, c_n, gates, h_states, aux;
+    {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      std::tie(output, h_n, c_n, gates, h_states, aux) =
+          op.call(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
+                  reverse);
+    }
+    ctx->saved_data["cell"] = cell;
+    ctx->saved_data["reverse"] = reverse;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["has_bias_hh"] = bias_hh.has_value();
+    // bias, bias_hh, h0, c0: for the composite (double) backward only; references, not copies
+    ctx->save_for_backward({input, weight_ih, weight_hh, gates, h_states, aux, defined_or_null(lengths),
+                            defined_or_null(bias), defined_or_null(bias_hh), h0, defined_or_null(c0),
+                            defined_or_null(weight_hr)});
+    ctx->mark_non_differentiable({gates, h_states, aux});
+    if (!c0.has_value()) ctx->mark_non_differentiable({c_n});  // a (0,) placeholder
+    ctx->set_materialize_grads(false);  // no zero tensors for outputs nobody used
+    return {output, h_n, c_n, gates, h_states, aux};
+  }
+
+  // grads: d output (G, T, B, H), d h_n, d c_n (G, B, H), each possibly undefined; the rest unused.
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight_ih = saved[1], &weight_hh = saved[2];
+    const Tensor &gates = saved[3], &h_states = saved[4], &aux = saved[5], &lengths = saved[6];
+    const Tensor &bias = saved[7], &bias_hh = saved[8], &h0 = saved[9], &c0 = saved[10];
+    const Tensor& weight_hr = saved[11];
+    const std::string cell = ctx->saved_data["cell"].toStringRef();
+    const bool reverse = ctx->saved_data["reverse"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool has_bias_hh = ctx->saved_data["has_bias_hh"].toBool();
+    const bool cell_state = c0.defined();
+    if (at::GradMode::is_enabled()) {  // backward(create_graph=True): for a double backward
+      const std::vector<Tensor> outs = dispatch_cell(parse_cell(cell), [&](auto c) {
+        return composite_forward<decltype(c)>(input, weight_ih, weight_hh, bias, bias_hh, weight_hr,
+                                              h0, c0, lengths, reverse);
+      });
+      const Tensor no_grad;
+      variable_list d = vjp_create_graph(
+          outs, {grads[0], grads[1], cell_state ? grads[2] : no_grad},
+          {input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0});
+      return {Tensor(), d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], Tensor(), Tensor()};
+    }
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mtl_kernels::grouped_recurrence_backward", "")
+                         .typed<BackwardSig>();
+    // Missing incoming gradients are zeros: grad_output (G, T, B, R) from h_states (G, T+1, B, R),
+    // grad_h_n like h0, grad_c_n like c0. Symbolic sizes, so that torch.compile(dynamic=True)
+    // traces this without specialising T or B.
+    const Tensor grad_output =
+        grads[0].defined() ? grads[0]
+                           : input.new_zeros_symint({h_states.sym_size(0), h_states.sym_size(1) - 1,
+                                                     h_states.sym_size(2), h_states.sym_size(3)});
+    const Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
+    OptTensor grad_c_n;
+    if (cell_state) grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(c0);
+    const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
+    auto [d_input, d_w_ih, d_w_hh, d_bias, d_bias_hh, d_w_hr, d_h0, d_c0] =
+        op.call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
+                gates, h_states, aux, opt(lengths), reverse);
+    return {Tensor(),
+            d_input,
+            d_w_ih,
+            d_w_hh,
+            has_bias ? d_bias : Tensor(),
+            has_bias_hh ? d_bias_hh : Tensor(),
+            weight_hr.defined() ? d_w_hr : Tensor(),
+            d_h0,
+            cell_state ? d_c0 : Tensor(),
+            Tensor(),
+            Tensor()};
+  }
+};
+
+ForwardResult grouped_recurrence_forward_autograd(c10::string_view cell, const Tensor& input,
+                                                  const Tensor& weight_ih, const Tensor& weight_hh,
+                                                  const OptTensor& bias, const OptTensor& bias_hh,
+                                                  const OptTensor& weight_hr, const Tensor& h0,
+                                                  const OptTensor& c0, const OptTensor& lengths,
+                                                  bool reverse) {
+  check_no_functorch("grouped_recurrence_forward",
+                     "the modules or mtl_kernels._ops.recurrence_layer");
+  const variable_list r = RecurrenceFunction::apply(std::string(cell), input, weight_ih, weight_hh,
+                                                    bias, bias_hh, weight_hr, h0, c0, lengths,
+                                                    reverse);
+  return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mtl_kernels, Autograd, m) {
+  m.impl("grouped_recurrence_forward", &grouped_recurrence_forward_autograd);
+}
+
+}  // namespace mtl_kernels

@@ -1,0 +1,303 @@
+// CPU kernels of the recurrence, for every cell, and the CPU registration of its ops.
+//   per step : one cell pass over all (group, batch) rows per step (the driver does the GEMMs);
+//   sequence : rows in parallel for the whole sequence, each thread doing its own rows' W_hh
+//              products (the CPU's counterpart of the GPU's persistent kernel).
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "cells/cell.h"
+#include "common/dispatch.h"
+#include "recurrence/driver.h"
+#include "recurrence/raw_views.h"
+#include "recurrence/registration.h"
+#include "recurrence/step.h"
+
+namespace mtl_kernels {
+namespace {
+
+// Rows (g, b) per parallel chunk: about 2k elements, so that small steps stay on one thread and
+// pay no fork/join.
+int64_t row_grain(int64_t H) { return std::max<int64_t>(1, 2048 / H); }
+
+// The row loops: each case (valid with or without bias; padding) is its own branch-free loop over
+// the hidden units in a function whose pointer arguments are __restrict__, so GCC vectorises the
+// shared unit math (it did not once these loops were inlined into the row loop). target_clones
+// adds x86-64-v4 (AVX-512) and v3 (AVX2 + FMA) versions picked at load time, so one binary runs
+// anywhere and uses the wide units where present.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define MTL_CPU_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), noinline))
+#else
+#define MTL_CPU_CLONES __attribute__((noinline))
+#endif
+
+template <class Cell, bool kBias, typename scalar_t, typename acc_t>
+MTL_CPU_CLONES void forward_valid_row(scalar_t* __restrict__ gates, const scalar_t* __restrict__ hproj,
+                                      const scalar_t* __restrict__ bias,
+                                      const scalar_t* __restrict__ bias_hh,
+                                      const scalar_t* __restrict__ h_prev,
+                                      const acc_t* __restrict__ aux_prev, acc_t* __restrict__ aux_next,
+                                      scalar_t* __restrict__ h_next, scalar_t* __restrict__ out,
+                                      int64_t H) {
+  constexpr int K = Cell::kGates;
+  for (int64_t j = 0; j < H; ++j) {
+    acc_t rec[K];
+    MTL_UNROLL
+    for (int k = 0; k < K; ++k) rec[k] = acc_t(hproj[k * H + j]);
+    const acc_t c_prev = Cell::kCellState ? aux_prev[j] : acc_t(0);
+    forward_unit<Cell, kBias>(gates, bias, bias_hh, rec, acc_t(h_prev[j]), c_prev, aux_next, h_next,
+                              out, j, H);
+  }
+}
+
+template <class Cell, typename scalar_t, typename acc_t>
+MTL_CPU_CLONES void backward_valid_row(const scalar_t* __restrict__ gates, scalar_t* __restrict__ dgates,
+                                       scalar_t* __restrict__ drec, const scalar_t* __restrict__ h_prev,
+                                       const acc_t* __restrict__ aux_prev,
+                                       const acc_t* __restrict__ aux_next,
+                                       const scalar_t* __restrict__ grad_out,
+                                       const scalar_t* __restrict__ dh_in,
+                                       scalar_t* __restrict__ dh_pass, acc_t* __restrict__ dc,
+                                       int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    acc_t daux = Cell::kCellState ? dc[j] : acc_t(0), pass;
+    backward_unit<Cell>(gates, dgates, drec, acc_t(h_prev[j]), Cell::kAux ? aux_prev[j] : acc_t(0),
+                        Cell::kAux ? aux_next[j] : acc_t(0), acc_t(grad_out[j]) + acc_t(dh_in[j]),
+                        daux, pass, j, H);
+    if constexpr (Cell::kCellState) dc[j] = daux;
+    dh_pass[j] = scalar_t(pass);
+  }
+}
+
+// Rows [begin, end) of the flattened (G, B) rows at step t. hproj: (G, B, KH).
+template <class Cell, typename scalar_t, typename acc_t>
+void forward_rows(const SequenceForward<scalar_t, acc_t>& q, const scalar_t* hproj, int64_t t,
+                  int64_t begin, int64_t end) {
+  constexpr int K = Cell::kGates;
+  const int64_t H = q.H;
+  for (int64_t rw = begin; rw < end; ++rw) {
+    const auto r = forward_row(q, K, t, rw / q.B, rw % q.B);
+    const scalar_t* hp = hproj + rw * K * H;
+    if (!r.valid) {
+      for (int64_t j = 0; j < H; ++j)
+        forward_hold<Cell>(r, j, H, acc_t(r.h_prev[j]), Cell::kCellState ? r.aux_prev[j] : acc_t(0));
+    } else if (r.bias) {
+      forward_valid_row<Cell, true>(r.gates, hp, r.bias, r.bias_hh, r.h_prev, r.aux_prev, r.aux_next,
+                                    r.h_next, r.out, H);
+    } else {
+      forward_valid_row<Cell, false>(r.gates, hp, r.bias, r.bias_hh, r.h_prev, r.aux_prev,
+                                     r.aux_next, r.h_next, r.out, H);
+    }
+  }
+}
+
+// dh_in, dh_pass (G, B, H); dc (G, B, H) or nullptr.
+template <class Cell, typename scalar_t, typename acc_t>
+void backward_rows(const SequenceBackward<scalar_t, acc_t>& q, const scalar_t* dh_in,
+                   scalar_t* dh_pass, acc_t* dc, int64_t t, int64_t begin, int64_t end) {
+  const int64_t H = q.H;
+  for (int64_t rw = begin; rw < end; ++rw) {
+    const auto r = backward_row(q, t, rw / q.B, rw % q.B);
+    const scalar_t* in = dh_in + rw * H;
+    scalar_t* pass = dh_pass + rw * H;
+    if (!r.valid) {
+      for (int64_t j = 0; j < H; ++j) {
+        acc_t p;
+        backward_hold<Cell>(r, j, H, acc_t(in[j]), p);
+        pass[j] = scalar_t(p);
+      }
+    } else {
+      backward_valid_row<Cell>(r.gates, r.dgates, r.drec, r.h_prev, r.aux_prev, r.aux_next,
+                               r.grad_out, in, pass, dc ? dc + rw * H : nullptr, H);
+    }
+  }
+}
+
+template <class Cell>
+void forward_step_cpu(const ForwardSequence& s, const at::Tensor& hproj, int64_t t) {
+  MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_forward_cpu", [&] {
+    const auto q = raw_forward<scalar_t>(s);
+    const scalar_t* hp = hproj.data_ptr<scalar_t>();
+    at::parallel_for(0, q.G * q.B, row_grain(q.H),
+                     [&](int64_t begin, int64_t end) { forward_rows<Cell>(q, hp, t, begin, end); });
+  });
+}
+
+template <class Cell>
+void backward_step_cpu(const BackwardSequence& s, const at::Tensor& dh_in, const at::Tensor& dh_pass,
+                       const at::Tensor& dc, int64_t t) {
+  MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto q = raw_backward<scalar_t>(s);
+    const scalar_t* in = dh_in.data_ptr<scalar_t>();
+    scalar_t* pass = dh_pass.data_ptr<scalar_t>();
+    acc_t* dcp = ptr_or_null<acc_t>(dc);
+    at::parallel_for(0, q.G * q.B, row_grain(q.H), [&](int64_t begin, int64_t end) {
+      backward_rows<Cell>(q, in, pass, dcp, t, begin, end);
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole sequence, rows in parallel.
+//
+// Each (group, batch) row's recurrence depends only on its own previous state, so a thread can own
+// a range of rows for all T steps: one fork/join per call instead of two per step, and the
+// recurrent product is this thread's own loop over a W_hh that stays in its cache, instead of an
+// MKL batched GEMM call per step (whose fixed cost dominated at the seed models' sizes). The cell
+// math is the per-step path's row loops on the same buffers. `auto` uses it while a group's W_hh
+// fits in L2 (kRowParallelMaxH, benchmarks/NOTES.md); `sequence` uses it at any size.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kRowParallelMaxH = 128;  // 4H x H fp32 = 256 KB
+
+// acc[i] += x0 w0[i] + x1 w1[i] + x2 w2[i] + x3 w3[i]: four W rows per pass over acc.
+template <typename scalar_t, typename acc_t>
+MTL_CPU_CLONES void fma4(acc_t* __restrict__ acc, const scalar_t* __restrict__ w0,
+                         const scalar_t* __restrict__ w1, const scalar_t* __restrict__ w2,
+                         const scalar_t* __restrict__ w3, acc_t x0, acc_t x1, acc_t x2, acc_t x3,
+                         int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i)
+    acc[i] += x0 * acc_t(w0[i]) + x1 * acc_t(w1[i]) + x2 * acc_t(w2[i]) + x3 * acc_t(w3[i]);
+}
+
+// For each of nr rows: acc[r] (n) += sum_k x[r][k] * w[k * ldw + 0 .. n), i.e. x (nr, K) @ W (K, n),
+// four W rows at a time, all nr rows per quad of W rows so that the quad stays in L1 across them.
+constexpr int64_t kRowBlock = 8;
+template <typename scalar_t, typename acc_t>
+void weighted_row_sums(acc_t* acc, const scalar_t* w, int64_t ldw, const scalar_t* const* x,
+                       int64_t nr, int64_t K, int64_t n) {
+  for (int64_t k = 0; k < K; k += 4) {
+    const int64_t m = std::min<int64_t>(4, K - k);
+    const scalar_t* wr[4];
+    for (int q = 0; q < 4; ++q) wr[q] = w + (k + (q < m ? q : 0)) * ldw;  // past K: weight 0
+    for (int64_t r = 0; r < nr; ++r) {
+      acc_t xv[4];
+      for (int q = 0; q < 4; ++q) xv[q] = q < m ? acc_t(x[r][k + q]) : acc_t(0);
+      fma4<scalar_t, acc_t>(acc + r * n, wr[0], wr[1], wr[2], wr[3], xv[0], xv[1], xv[2], xv[3], n);
+    }
+  }
+}
+
+// Calls f(r, nr, g) for blocks [r, r + nr) of at most kRowBlock rows of one group, covering
+// [begin, end) of the flattened (G, B) rows.
+template <typename F>
+void for_row_blocks(int64_t begin, int64_t end, int64_t B, const F& f) {
+  for (int64_t r = begin; r < end;) {
+    const int64_t g = r / B;
+    const int64_t nr = std::min({kRowBlock, end - r, (g + 1) * B - r});
+    f(r, nr, g);
+    r += nr;
+  }
+}
+
+bool use_rows_in_parallel(int64_t H) {
+  switch (recurrence_path()) {
+    case RecurrencePath::kPerStep: return false;
+    case RecurrencePath::kSequence: return true;
+    default: return H <= kRowParallelMaxH;
+  }
+}
+
+template <class Cell>
+bool forward_sequence_cpu(const ForwardSequence& s) {
+  if (!use_rows_in_parallel(s.H)) return false;
+  MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_forward_sequence_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
+    const at::Tensor w_t = s.weight_hh.transpose(1, 2).contiguous();  // (G, H, KH): KH contiguous
+    at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());       // (G, B, KH), rows per thread
+    const auto q = raw_forward<scalar_t>(s);
+    const scalar_t* w = w_t.data_ptr<scalar_t>();
+    scalar_t* hp = hproj.data_ptr<scalar_t>();
+    at::parallel_for(0, G * B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(kRowBlock * KH);
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = forward_time(step, T, s.reverse);
+        const int64_t prev = prev_slot(t, s.reverse);
+        for_row_blocks(begin, end, B, [&](int64_t r, int64_t nr, int64_t g) {
+          // hproj rows = h_{t-1} rows @ W_hh[g]^T
+          const scalar_t* h_rows[kRowBlock];
+          for (int64_t i = 0; i < nr; ++i)
+            h_rows[i] = q.h_states + g * q.h_sg + prev * q.h_sslot + (r + i - g * B) * H;
+          std::fill(acc.begin(), acc.begin() + nr * KH, acc_t(0));
+          weighted_row_sums(acc.data(), w + g * H * KH, KH, h_rows, nr, H, KH);
+          for (int64_t n = 0; n < nr * KH; ++n) hp[r * KH + n] = scalar_t(acc[n]);
+        });
+        forward_rows<Cell>(q, hp, t, begin, end);
+      }
+    });
+  });
+  return true;
+}
+
+template <class Cell>
+bool backward_sequence_cpu(const BackwardSequence& s) {
+  if (!use_rows_in_parallel(s.H)) return false;
+  MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_backward_sequence_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
+    at::Tensor dh_a = s.grad_h_n.clone(), dh_b = at::empty_like(dh_a);  // dh in / out, (G, B, H)
+    at::Tensor dc = Cell::kCellState ? s.grad_c_n.clone() : at::Tensor();  // (G, B, H) acc_t
+    const auto q = raw_backward<scalar_t>(s);
+    const scalar_t* w = s.weight_hh.data_ptr<scalar_t>();  // (G, KH, H): H contiguous
+    at::parallel_for(0, G * B, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> acc(kRowBlock * H);
+      // each thread swaps its own rows' roles of the two dh buffers
+      scalar_t* dh_in = dh_a.data_ptr<scalar_t>();
+      scalar_t* dh_out = dh_b.data_ptr<scalar_t>();
+      acc_t* dcp = ptr_or_null<acc_t>(dc);
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = backward_time(step, T, s.reverse);
+        backward_rows<Cell>(q, dh_in, dh_out, dcp, t, begin, end);  // drec_t, dc, dh_out = pass
+        for_row_blocks(begin, end, B, [&](int64_t r, int64_t nr, int64_t g) {
+          // dh_out rows += drec_t rows @ W_hh[g]
+          const scalar_t* dr_rows[kRowBlock];
+          for (int64_t i = 0; i < nr; ++i)
+            dr_rows[i] = q.drec + g * q.gates_sg + t * q.gates_st + (r + i - g * B) * q.gates_sb;
+          std::fill(acc.begin(), acc.begin() + nr * H, acc_t(0));
+          weighted_row_sums(acc.data(), w + g * KH * H, H, dr_rows, nr, KH, H);
+          scalar_t* o = dh_out + r * H;
+          for (int64_t k = 0; k < nr * H; ++k) o[k] = scalar_t(acc_t(o[k]) + acc[k]);
+        });
+        std::swap(dh_in, dh_out);
+      }
+      // after the loop dh_in holds grad_h0 for these rows
+      std::copy(dh_in + begin * H, dh_in + end * H, s.grad_h0.data_ptr<scalar_t>() + begin * H);
+      if (dcp) std::copy(dcp + begin * H, dcp + end * H, s.grad_c0.data_ptr<acc_t>() + begin * H);
+    });
+  });
+  return true;
+}
+
+template <class Cell>
+constexpr RecurrenceKernels kCpuKernels{&forward_step_cpu<Cell>, &backward_step_cpu<Cell>,
+                                        &forward_sequence_cpu<Cell>, &backward_sequence_cpu<Cell>};
+
+}  // namespace
+
+ForwardResult grouped_recurrence_forward_cpu(const std::string& cell, const ForwardArgs& args) {
+  return dispatch_cell(parse_cell(cell), [&](auto c) {
+    using Cell = decltype(c);
+    return recurrence_forward<Cell>(args, kCpuKernels<Cell>);
+  });
+}
+
+BackwardResult grouped_recurrence_backward_cpu(const std::string& cell, const BackwardArgs& args) {
+  return dispatch_cell(parse_cell(cell), [&](auto c) {
+    using Cell = decltype(c);
+    return recurrence_backward<Cell>(args, kCpuKernels<Cell>);
+  });
+}
+
+TORCH_LIBRARY_IMPL(mtl_kernels, CPU, m) {
+  m.impl("grouped_recurrence_forward", &forward_op<&grouped_recurrence_forward_cpu>);
+  m.impl("grouped_recurrence_backward", &backward_op<&grouped_recurrence_backward_cpu>);
+}
+
+}  // namespace mtl_kernels

@@ -1,0 +1,432 @@
+// The device-agnostic recurrence driver: see driver.h.
+#include "recurrence/driver.h"
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <utility>
+
+#include "cells/cell.h"
+#include "common/checks.h"
+#include "common/poison.h"
+#include "recurrence/sequence.h"
+
+namespace mtl_kernels {
+
+// ---- the path switch -------------------------------------------------------------------------
+RecurrencePath parse_recurrence_path(const char* v) {
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return RecurrencePath::kAuto;
+  if (std::strcmp(v, "sequence") == 0) return RecurrencePath::kSequence;
+  if (std::strcmp(v, "per_step") == 0) return RecurrencePath::kPerStep;
+  TORCH_CHECK(false, "recurrence path must be 'auto', 'sequence' or 'per_step', got '", v, "'");
+}
+
+const char* recurrence_path_name(RecurrencePath p) {
+  return p == RecurrencePath::kAuto ? "auto" : p == RecurrencePath::kSequence ? "sequence" : "per_step";
+}
+
+namespace {
+
+std::atomic<int> g_path{-1};  // -1: not yet read from the environment
+
+std::atomic<int64_t> g_forward_sequence{0}, g_forward_per_step{0}, g_backward_sequence{0},
+    g_backward_per_step{0};
+
+}  // namespace
+
+RecurrencePath recurrence_path() {
+  int p = g_path.load(std::memory_order_relaxed);
+  if (p < 0) {  // first use: the environment's default (an invalid value raises every time)
+    p = static_cast<int>(parse_recurrence_path(std::getenv("MTL_KERNELS_LSTM_PATH")));
+    int expected = -1;
+    g_path.compare_exchange_strong(expected, p);
+    p = g_path.load();
+  }
+  return static_cast<RecurrencePath>(p);
+}
+
+void set_recurrence_path(RecurrencePath path) { g_path.store(static_cast<int>(path)); }
+
+PathCounts path_counts() {
+  return {g_forward_sequence.load(), g_forward_per_step.load(), g_backward_sequence.load(),
+          g_backward_per_step.load()};
+}
+
+namespace {
+
+// The public op's name for messages: grouped_lstm_forward, grouped_gru_backward, ...
+template <class Cell>
+std::string op_name(bool backward) {
+  const std::string cell = Cell::kName;
+  const std::string family = cell.rfind("rnn", 0) == 0 ? "rnn" : cell;
+  return "grouped_" + family + (backward ? "_backward" : "_forward");
+}
+
+struct Shape {
+  int64_t G, T, B, C, H;
+  int64_t R;  // the width of h: H, or P with a projection
+  bool shared;
+};
+
+// Checks input, weight_ih, weight_hh and weight_hr and reads the sizes from them.
+template <class Cell>
+Shape check_input_and_weights(const char* op, const at::Tensor& input, const at::Tensor& weight_ih,
+                              const at::Tensor& weight_hh, const at::Tensor& weight_hr) {
+  constexpr int64_t K = Cell::kGates;
+  check_dense_floating(input, op, "input");
+  TORCH_CHECK(input.dim() == 3 || input.dim() == 4, op,
+              ": input must be (T, B, C) shared by the groups or (G, T, B, C) one per group, got shape ",
+              input.sizes());
+  check_dense_floating(weight_ih, op, "weight_ih");
+  TORCH_CHECK(weight_ih.dim() == 3 && weight_ih.size(1) % K == 0 && weight_ih.size(1) > 0 &&
+                  weight_ih.size(0) > 0,
+              op, ": weight_ih must be (G, ", K, "*hidden_size, input_size) with G, hidden_size >= 1, got ",
+              weight_ih.sizes());
+  Shape s;
+  s.shared = input.dim() == 3;
+  s.G = weight_ih.size(0);
+  s.H = weight_ih.size(1) / K;
+  s.C = weight_ih.size(2);
+  s.T = input.size(s.shared ? 0 : 1);
+  s.B = input.size(s.shared ? 1 : 2);
+  s.R = s.H;
+  const at::ScalarType dtype = input.scalar_type();
+  const at::Device device = input.device();
+  const std::vector<int64_t> in_shape =
+      s.shared ? std::vector<int64_t>{s.T, s.B, s.C} : std::vector<int64_t>{s.G, s.T, s.B, s.C};
+  TORCH_CHECK(s.shared || input.size(0) == s.G, op, ": input has ", input.size(0),
+              " groups but weight_ih has ", s.G);
+  check_arg(input, {op, "input", in_shape, dtype, device});
+  check_arg(weight_ih, {op, "weight_ih", {s.G, K * s.H, s.C}, dtype, device});
+  if (weight_hr.defined()) {
+    TORCH_CHECK(Cell::kCellState, op, ": weight_hr (a projection) is for the LSTM only");
+    TORCH_CHECK(weight_hr.dim() == 3 && weight_hr.size(1) >= 1, op,
+                ": weight_hr must be (G, proj_size, hidden_size), got ", weight_hr.sizes());
+    s.R = weight_hr.size(1);
+    check_arg(weight_hr, {op, "weight_hr", {s.G, s.R, s.H}, dtype, device});
+  }
+  check_arg(weight_hh, {op, "weight_hh", {s.G, K * s.H, s.R}, dtype, device});
+  TORCH_CHECK(s.T >= 1, op, ": input must have at least one time step, got shape ", input.sizes());
+  return s;
+}
+
+GateLayout gate_layout(const Shape& s, int64_t KH) {
+  if (s.shared) return GateLayout{KH, s.B * s.G * KH, s.G * KH};  // (T, B, G, KH)
+  return GateLayout{s.T * s.B * KH, s.B * KH, KH};               // (G, T, B, KH)
+}
+
+at::Tensor optional_arg(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? *t : at::Tensor();
+}
+
+// The gates of step t as (G, B, KH): a strided view in either layout.
+at::Tensor gates_at(const at::Tensor& gates, bool shared, int64_t t) {
+  return shared ? gates.select(0, t).transpose(0, 1) : gates.select(1, t);
+}
+
+// (1, B, 1) mask of the rows whose step t is valid, in `dtype`.
+at::Tensor valid_rows(const at::Tensor& lengths, int64_t t, at::ScalarType dtype) {
+  return lengths.gt(t).to(dtype).view({1, -1, 1});
+}
+
+// A (G, n, B, W) view of one (G, B, W) buffer with a zero stride over n: the per-step kernels of
+// the projected LSTM write (and read) their unprojected h rows there at every step.
+at::Tensor every_step(const at::Tensor& row, int64_t n) {
+  return row.unsqueeze(1).expand({row.size(0), n, row.size(1), row.size(2)});
+}
+
+// The LSTM with a projection (nn.LSTM's proj_size), on the per-step path: per step the recurrent
+// GEMM over h_{t-1} (P wide), the cell kernel (lengths left out: it writes the unprojected
+// o * tanh(c_t) into a scratch row), the projection GEMM h_t = W_hr (o * tanh(c_t)), and where
+// lengths are given the hold of the padded rows (h, c) and their zero output in ATen ops.
+void projected_forward(const ForwardSequence& seq, const at::Tensor& weight_hr,
+                       const RecurrenceKernels& kernels) {
+  const int64_t G = seq.G, T = seq.T, B = seq.B, H = seq.H;
+  const auto opts = seq.h_states.options();
+  at::Tensor scratch = at::empty({G, B, H}, opts);  // o * tanh(c_t), (G, B, H)
+  poison_if_enabled(scratch);
+  ForwardSequence cell = seq;
+  cell.h_states = every_step(scratch, T + 1);
+  cell.output = every_step(scratch, T);
+  cell.lengths = at::Tensor();
+  cell.H = H;
+  at::Tensor hproj = at::empty({G, B, seq.gates.size(-1)}, opts);  // (G, B, KH)
+  const at::Tensor w_hh_t = seq.weight_hh.transpose(1, 2);        // (G, P, KH)
+  const at::Tensor w_hr_t = weight_hr.transpose(1, 2);            // (G, H, P)
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = forward_time(step, T, seq.reverse);
+    const int64_t prev = prev_slot(t, seq.reverse), next = next_slot(t, seq.reverse);
+    at::bmm_out(hproj, seq.h_states.select(1, prev), w_hh_t);
+    kernels.forward_step(cell, hproj, t);
+    at::Tensor h_next = seq.h_states.select(1, next);
+    at::bmm_out(h_next, scratch, w_hr_t);
+    if (seq.lengths.defined()) {
+      const at::Tensor valid = valid_rows(seq.lengths, t, at::kBool);
+      h_next.copy_(at::where(valid, h_next, seq.h_states.select(1, prev)));
+      at::Tensor c_next = seq.aux.select(1, next);
+      c_next.copy_(at::where(valid, c_next, seq.aux.select(1, prev)));
+      seq.output.select(1, t).copy_(h_next.masked_fill(valid.logical_not(), 0));
+    } else {
+      seq.output.select(1, t).copy_(h_next);
+    }
+  }
+}
+
+// Its backward, per step: dh_t (P wide) splits into the valid rows' part, which goes through W_hr
+// to the cell (dW_hr accumulates dh^T (o * tanh(c_t)), recomputed from the saved o and c), and the
+// padded rows' part, which passes to h_{t-1}; the cell kernel (with lengths: padded rows hold dc
+// and get no dgates) and dh_{t-1} += drec_t W_hh. Returns grad_weight_hr.
+at::Tensor projected_backward(const BackwardSequence& seq, bool shared, const at::Tensor& weight_hr,
+                              at::Tensor& grad_h0, at::Tensor& grad_c0,
+                              const RecurrenceKernels& kernels) {
+  const int64_t G = seq.G, T = seq.T, B = seq.B, H = seq.H, P = weight_hr.size(1);
+  const auto opts = seq.grad_output.options();
+  const at::ScalarType acc = seq.aux.scalar_type();
+  at::Tensor d_hr = at::empty({G, B, H}, opts);  // dh_t W_hr, the cell's incoming gradient
+  const at::Tensor zeros = at::zeros({G, B, H}, opts);
+  const at::Tensor pass = at::empty({G, B, H}, opts);  // the kernel's dh_pass (0 here)
+  BackwardSequence cell = seq;
+  cell.grad_output = every_step(d_hr, T);
+  cell.h_states = every_step(zeros, T + 1);  // read by no LSTM step
+  cell.H = H;
+  at::Tensor dh = seq.grad_h_n.clone();  // (G, B, P)
+  at::Tensor dc = seq.grad_c_n.clone();  // (G, B, H) acc dtype
+  at::Tensor grad_w_hr = at::zeros({G, P, H}, opts.dtype(acc));
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = backward_time(step, T, seq.reverse);
+    // A padded row's output was the constant 0: its gradient is dropped, dh passes through.
+    at::Tensor dh_valid = dh + seq.grad_output.select(1, t), dh_held;  // (G, B, P)
+    if (seq.lengths.defined()) {
+      const at::Tensor valid = valid_rows(seq.lengths, t, dh.scalar_type());
+      dh_valid = dh_valid * valid;
+      dh_held = dh * at::rsub(valid, 1);
+    }
+    const at::Tensor o = gates_at(seq.gates, shared, t).narrow(-1, 3 * H, H);  // (G, B, H)
+    const at::Tensor h_raw = (o.to(acc) * at::tanh(seq.aux.select(1, next_slot(t, seq.reverse))));
+    grad_w_hr.baddbmm_(dh_valid.transpose(1, 2).to(acc), h_raw);
+    at::bmm_out(d_hr, dh_valid, weight_hr);
+    kernels.backward_step(cell, zeros, pass, dc, t);
+    const at::Tensor dr_t = gates_at(seq.drec, shared, t);  // (G, B, KH)
+    dh = at::bmm(dr_t, seq.weight_hh);                      // (G, B, P)
+    if (dh_held.defined()) dh.add_(dh_held);
+  }
+  grad_h0 = dh;
+  grad_c0 = dc;
+  return grad_w_hr.to(opts.dtype());
+}
+
+}  // namespace
+
+template <class Cell>
+ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& kernels) {
+  constexpr int64_t K = Cell::kGates;
+  const std::string op_s = op_name<Cell>(false);
+  const char* op = op_s.c_str();
+  const at::Tensor weight_hr_arg = optional_arg(a.weight_hr);
+  const Shape s = check_input_and_weights<Cell>(op, a.input, a.weight_ih, a.weight_hh, weight_hr_arg);
+  const int64_t G = s.G, T = s.T, B = s.B, C = s.C, H = s.H, R = s.R, KH = K * H;
+  const at::ScalarType dtype = a.input.scalar_type();
+  const at::Device device = a.input.device();
+  const auto opts = a.input.options();
+  const auto acc_opts = opts.dtype(acc_dtype(dtype));
+
+  at::Tensor bias = optional_arg(a.bias), bias_hh = optional_arg(a.bias_hh);
+  if (bias.defined()) check_arg(bias, {op, "bias", {G, KH}, dtype, device});
+  if constexpr (Cell::kRecBias) {
+    TORCH_CHECK(bias.defined() == bias_hh.defined(), op,
+                ": bias_ih and bias_hh must be given together (or neither)");
+    if (bias_hh.defined()) check_arg(bias_hh, {op, "bias_hh", {G, KH}, dtype, device});
+  } else {
+    TORCH_CHECK(!bias_hh.defined(), op, ": takes one bias (b_ih + b_hh), not bias_hh");
+  }
+  check_arg(a.h0, {op, "h0", {G, B, R}, dtype, device});
+  const at::Tensor c0 = optional_arg(a.c0);
+  if constexpr (Cell::kCellState) {
+    TORCH_CHECK(c0.defined(), op, ": c0 is required");
+    check_arg(c0, {op, "c0", {G, B, H}, dtype, device});
+  } else {
+    TORCH_CHECK(!c0.defined(), op, ": this cell has no cell state, c0 must be None");
+  }
+  const at::Tensor lengths = checked_lengths(a.lengths, op, B, T, device);
+  if (bias.defined()) bias = bias.contiguous();
+  if (bias_hh.defined()) bias_hh = bias_hh.contiguous();
+  const at::Tensor input = a.input.contiguous();
+  const at::Tensor weight_ih = a.weight_ih.contiguous();
+  const at::Tensor weight_hh = a.weight_hh.contiguous();
+  const at::Tensor weight_hr = weight_hr_arg.defined() ? weight_hr_arg.contiguous() : at::Tensor();
+
+  // ---- (1) the input projection for all steps: one GEMM ---------------------------------------
+  at::Tensor gates;
+  if (s.shared) {  // x (T*B, C) @ W_ih^T (C, G*KH) -> (T, B, G, KH)
+    gates = at::mm(input.view({T * B, C}), weight_ih.view({G * KH, C}).t()).view({T, B, G, KH});
+  } else {  // per group: (G, T*B, C) @ (G, C, KH) -> (G, T, B, KH)
+    gates = at::bmm(input.view({G, T * B, C}), weight_ih.transpose(1, 2)).view({G, T, B, KH});
+  }
+
+  // ---- (2) the recurrence ---------------------------------------------------------------------
+  at::Tensor h_states = at::empty({G, T + 1, B, R}, opts);
+  at::Tensor output = at::empty({G, T, B, R}, opts);
+  at::Tensor aux = Cell::kAux ? at::empty({G, T + 1, B, H}, acc_opts) : at::Tensor();
+  poison_if_enabled(h_states);
+  poison_if_enabled(output);
+  poison_if_enabled(aux);
+  const int64_t first = first_slot(T, a.reverse);
+  h_states.select(1, first).copy_(a.h0);
+  if constexpr (Cell::kCellState) {
+    aux.select(1, first).copy_(c0);
+  } else if constexpr (Cell::kAux) {
+    aux.select(1, first).zero_();  // read by no step, but returned: keep it clean
+  }
+
+  const ForwardSequence seq{gates,  gate_layout(s, KH), weight_hh, bias,    bias_hh, h_states,
+                            aux,    output,             lengths,   a.reverse, G, T,       B, H};
+  TORCH_CHECK(kernels.forward_step || kernels.forward_sequence, op, ": no kernel");
+  if (weight_hr.defined()) {
+    ++g_forward_per_step;
+    projected_forward(seq, weight_hr, kernels);
+  } else if (B > 0 && kernels.forward_sequence && kernels.forward_sequence(seq)) {
+    ++g_forward_sequence;
+  } else {
+    TORCH_CHECK(kernels.forward_step, op, ": this call needs the per-step kernels");
+    ++g_forward_per_step;
+    at::Tensor hproj = at::empty({G, B, KH}, opts);      // (G, B, KH)
+    const at::Tensor w_hh_t = weight_hh.transpose(1, 2);  // (G, H, KH)
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = forward_time(step, T, a.reverse);
+      at::bmm_out(hproj, h_states.select(1, prev_slot(t, a.reverse)), w_hh_t);
+      kernels.forward_step(seq, hproj, t);
+    }
+  }
+  const int64_t last = last_slot(T, a.reverse);
+  at::Tensor h_n = h_states.select(1, last).clone();
+  at::Tensor c_n = Cell::kCellState ? aux.select(1, last).to(dtype, false, /*copy=*/true)
+                                    : at::empty({0}, opts);
+  if (!aux.defined()) aux = at::empty({0}, acc_opts);
+  return {output, h_n, c_n, gates, h_states, aux};
+}
+
+template <class Cell>
+BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernels& kernels) {
+  constexpr int64_t K = Cell::kGates;
+  const std::string op_s = op_name<Cell>(true);
+  const char* op = op_s.c_str();
+  const at::Tensor weight_hr_arg = optional_arg(a.weight_hr);
+  const Shape s = check_input_and_weights<Cell>(op, a.input, a.weight_ih, a.weight_hh, weight_hr_arg);
+  const int64_t G = s.G, T = s.T, B = s.B, C = s.C, H = s.H, R = s.R, KH = K * H;
+  const at::ScalarType dtype = a.input.scalar_type(), acc = acc_dtype(dtype);
+  const at::Device device = a.input.device();
+  const auto opts = a.input.options();
+
+  check_arg(a.grad_output, {op, "grad_output", {G, T, B, R}, dtype, device});
+  check_arg(a.grad_h_n, {op, "grad_h_n", {G, B, R}, dtype, device});
+  const at::Tensor grad_c_n_arg = optional_arg(a.grad_c_n);
+  if constexpr (Cell::kCellState) {
+    TORCH_CHECK(grad_c_n_arg.defined(), op, ": grad_c_n is required");
+    check_arg(grad_c_n_arg, {op, "grad_c_n", {G, B, H}, dtype, device});
+  } else {
+    TORCH_CHECK(!grad_c_n_arg.defined(), op, ": this cell has no cell state, grad_c_n must be None");
+  }
+  const std::vector<int64_t> gates_shape = s.shared ? std::vector<int64_t>{T, B, G, KH}
+                                                    : std::vector<int64_t>{G, T, B, KH};
+  check_arg(a.gates, {op, "gates", gates_shape, dtype, device});
+  check_arg(a.h_states, {op, "h_states", {G, T + 1, B, R}, dtype, device});
+  if constexpr (Cell::kAux) {
+    check_arg(a.aux, {op, Cell::kCellState ? "c_states" : "aux_states", {G, T + 1, B, H}, acc, device});
+  }
+  const at::Tensor lengths = checked_lengths(a.lengths, op, B, T, device);
+
+  // The kernels index all of these through raw pointers and the strides of the shapes above.
+  const at::Tensor input = a.input.contiguous();
+  const at::Tensor weight_ih = a.weight_ih.contiguous();
+  const at::Tensor weight_hh = a.weight_hh.contiguous();
+  const at::Tensor gates = a.gates.contiguous();
+  const at::Tensor h_states = a.h_states.contiguous();
+  const at::Tensor aux = Cell::kAux ? a.aux.contiguous() : at::Tensor();
+  const at::Tensor grad_output = a.grad_output.contiguous();
+  const GateLayout layout = gate_layout(s, KH);
+
+  at::Tensor dgates = at::empty(gates.sizes(), opts);
+  at::Tensor drec = Cell::kSplitRecGrad ? at::empty(gates.sizes(), opts) : dgates;
+  poison_if_enabled(dgates);
+  if (Cell::kSplitRecGrad) poison_if_enabled(drec);
+  at::Tensor grad_h0 = at::empty({G, B, R}, opts);
+  at::Tensor grad_c0 = Cell::kCellState ? at::empty({G, B, H}, opts.dtype(acc)) : at::Tensor();
+  poison_if_enabled(grad_h0);
+  poison_if_enabled(grad_c0);
+
+  const BackwardSequence seq{gates,
+                             dgates,
+                             drec,
+                             layout,
+                             weight_hh,
+                             h_states,
+                             aux,
+                             grad_output,
+                             a.grad_h_n.contiguous(),
+                             Cell::kCellState ? grad_c_n_arg.to(acc).contiguous() : at::Tensor(),
+                             grad_h0,
+                             grad_c0,
+                             lengths,
+                             a.reverse,
+                             G,
+                             T,
+                             B,
+                             H};
+  at::Tensor grad_w_hr = at::empty({0}, opts);
+  TORCH_CHECK(kernels.backward_step || kernels.backward_sequence, op, ": no kernel");
+  if (weight_hr_arg.defined()) {
+    ++g_backward_per_step;
+    grad_w_hr = projected_backward(seq, s.shared, weight_hr_arg.contiguous(), grad_h0, grad_c0,
+                                   kernels);
+  } else if (B > 0 && kernels.backward_sequence && kernels.backward_sequence(seq)) {
+    ++g_backward_sequence;
+  } else {
+    TORCH_CHECK(kernels.backward_step, op, ": this call needs the per-step kernels");
+    ++g_backward_per_step;
+    at::Tensor dh_in = seq.grad_h_n.clone();      // (G, B, H)
+    at::Tensor dh_next = at::empty({G, B, H}, opts);  // the cell kernel writes dh_pass here
+    at::Tensor dc = Cell::kCellState ? seq.grad_c_n.clone() : at::Tensor();  // (G, B, H)
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = backward_time(step, T, a.reverse);
+      kernels.backward_step(seq, dh_in, dh_next, dc, t);
+      dh_next.baddbmm_(gates_at(drec, s.shared, t), weight_hh);  // dh_{t-1} = dh_pass + drec_t W_hh
+      std::swap(dh_in, dh_next);
+    }
+    grad_h0 = dh_in;
+    grad_c0 = dc;
+  }
+
+  // ---- weight, bias and input gradients: one (batched) GEMM or reduction each -----------------
+  // per group as (G, T*B, KH): a view in both layouts
+  const auto per_group = [&](const at::Tensor& d) {
+    return s.shared ? d.view({T * B, G, KH}).transpose(0, 1) : d.view({G, T * B, KH});
+  };
+  const at::Tensor dg = per_group(dgates), dr = per_group(drec);
+  // h_{t-1} for every step t, (G, T*B, R): slots 0..T-1 forward, 1..T reverse
+  const at::Tensor h_prev = h_states.narrow(1, a.reverse ? 1 : 0, T).reshape({G, T * B, R});
+  at::Tensor grad_w_hh = at::bmm(dr.transpose(1, 2), h_prev);  // (G, KH, R)
+  at::Tensor grad_bias = dg.sum(1);                            // (G, KH)
+  at::Tensor grad_bias_hh = Cell::kRecBias ? dr.sum(1) : at::empty({0}, opts);
+  at::Tensor grad_w_ih, grad_input;
+  if (s.shared) {
+    const at::Tensor dg2 = dgates.view({T * B, G * KH});
+    grad_w_ih = at::mm(dg2.t(), input.view({T * B, C})).view({G, KH, C});
+    grad_input = at::mm(dg2, weight_ih.view({G * KH, C})).view({T, B, C});  // sums over groups
+  } else {
+    grad_w_ih = at::bmm(dg.transpose(1, 2), input.view({G, T * B, C}));  // (G, KH, C)
+    grad_input = at::bmm(dg, weight_ih).view({G, T, B, C});
+  }
+  grad_c0 = Cell::kCellState ? grad_c0.to(dtype) : at::empty({0}, opts);
+  return {grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_bias_hh, grad_w_hr, grad_h0, grad_c0};
+}
+
+#define MTL_INSTANTIATE_DRIVER(Cell)                                                        \
+  template ForwardResult recurrence_forward<Cell>(const ForwardArgs&, const RecurrenceKernels&); \
+  template BackwardResult recurrence_backward<Cell>(const BackwardArgs&, const RecurrenceKernels&);
+MTL_INSTANTIATE_DRIVER(LstmCell)
+MTL_INSTANTIATE_DRIVER(GruCell)
+MTL_INSTANTIATE_DRIVER(RnnTanhCell)
+MTL_INSTANTIATE_DRIVER(RnnReluCell)
+
+}  // namespace mtl_kernels

@@ -1,0 +1,140 @@
+// The device-agnostic recurrence driver (driver.cpp): argument checks, ATen GEMMs, the time loop,
+// for any cell (cells/cell.h). One op call runs one layer and one direction for all G groups:
+//   forward : gates = the input projection for all steps (one GEMM, or one batched GEMM for a
+//             per-group input); then the recurrence on one of two paths:
+//               sequence : the whole sequence in one backend call (GPU: the persistent kernel;
+//                          CPU: rows in parallel), where the backend takes it;
+//               per step : hproj = bmm(h_{t-1}, W_hh^T) over all G, then one cell kernel.
+//   backward: the reverse recurrence the same two ways (per step: one cell kernel, then
+//             dh_{t-1} = dh_pass + bmm(drec_t, W_hh)); after it dW_ih, dW_hh, the bias gradients
+//             and dx as (batched) GEMMs or one reduction each.
+// A backend supplies only the kernels of RecurrenceKernels; the GEMMs go through ATen.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+
+namespace mtl_kernels {
+
+// Strides (elements) of the gate tensors, which follow the input projection's layout:
+//   shared input (T, B, C)    -> gates (T, B, G, KH)
+//   per-group    (G, T, B, C) -> gates (G, T, B, KH)
+struct GateLayout {
+  int64_t sg, st, sb;
+};
+
+// The whole recurrence of one call as tensors (recurrence/sequence.h has the raw view the kernels
+// get, and the shapes).
+struct ForwardSequence {
+  at::Tensor gates;  // in: the input projection; out: the saved values
+  GateLayout layout;
+  at::Tensor weight_hh;  // (G, KH, H) contiguous
+  at::Tensor bias;       // (G, KH) or undefined
+  at::Tensor bias_hh;    // (G, KH) or undefined (cells with kRecBias)
+  at::Tensor h_states;   // (G, T+1, B, H), the first slot filled
+  at::Tensor aux;        // (G, T+1, B, H) acc dtype (cells with kAux), the first slot filled
+  at::Tensor output;     // (G, T, B, H)
+  at::Tensor lengths;    // (B,) int64 or undefined
+  bool reverse;
+  int64_t G, T, B, H;
+};
+
+struct BackwardSequence {
+  at::Tensor gates, dgates, drec;  // GateLayout; drec is dgates unless the cell splits them
+  GateLayout layout;
+  at::Tensor weight_hh;    // (G, KH, H) contiguous
+  at::Tensor h_states;     // (G, T+1, B, H)
+  at::Tensor aux;          // (G, T+1, B, H) acc dtype, or undefined
+  at::Tensor grad_output;  // (G, T, B, H)
+  at::Tensor grad_h_n;     // (G, B, H)
+  at::Tensor grad_c_n;     // (G, B, H) acc dtype (cell-state cells) or undefined
+  at::Tensor grad_h0;      // (G, B, H) out
+  at::Tensor grad_c0;      // (G, B, H) acc dtype, out (cell-state cells) or undefined
+  at::Tensor lengths;
+  bool reverse;
+  int64_t G, T, B, H;
+};
+
+// What a backend supplies for one cell. The sequence functions may be nullptr, and return false
+// when they do not apply (the per-step path then runs).
+struct RecurrenceKernels {
+  // hproj (G, B, KH): h_{t-1} W_hh^T for step t.
+  void (*forward_step)(const ForwardSequence&, const at::Tensor& hproj, int64_t t);
+  // dh_in (G, B, H): the gradient reaching h_t from step t+1; dh_pass (G, B, H) out: the part of
+  // dh_{t-1} that bypasses W_hh; dc (G, B, H) acc dtype, in/out (cell-state cells).
+  void (*backward_step)(const BackwardSequence&, const at::Tensor& dh_in, const at::Tensor& dh_pass,
+                        const at::Tensor& dc, int64_t t);
+  bool (*forward_sequence)(const ForwardSequence&) = nullptr;
+  bool (*backward_sequence)(const BackwardSequence&) = nullptr;
+};
+
+// One layer and direction's arguments, whichever the cell (the ops' schemas: csrc/ops.cpp).
+// R: the width of h, H without a projection, P with one (the LSTM's proj_size).
+struct ForwardArgs {
+  const at::Tensor& input;      // (T, B, C) shared or (G, T, B, C) per group
+  const at::Tensor& weight_ih;  // (G, KH, C)
+  const at::Tensor& weight_hh;  // (G, KH, R)
+  const std::optional<at::Tensor>& bias;       // (G, KH)
+  const std::optional<at::Tensor>& bias_hh;    // (G, KH), cells with kRecBias only
+  const std::optional<at::Tensor>& weight_hr;  // (G, P, H), LSTM only: h_t = W_hr (o tanh(c_t))
+  const at::Tensor& h0;                        // (G, B, R)
+  const std::optional<at::Tensor>& c0;         // (G, B, H), cell-state cells only
+  const std::optional<at::Tensor>& lengths;    // (B,) int64
+  bool reverse;
+};
+
+struct BackwardArgs {
+  const at::Tensor& grad_output;               // (G, T, B, R)
+  const at::Tensor& grad_h_n;                  // (G, B, R)
+  const std::optional<at::Tensor>& grad_c_n;   // (G, B, H), cell-state cells only
+  const at::Tensor& input;
+  const at::Tensor& weight_ih;
+  const at::Tensor& weight_hh;
+  const std::optional<at::Tensor>& weight_hr;
+  const at::Tensor& gates;     // the forward's saved values
+  const at::Tensor& h_states;  // (G, T+1, B, R)
+  const at::Tensor& aux;       // (G, T+1, B, H) acc dtype (cells with kAux), else ignored
+  const std::optional<at::Tensor>& lengths;
+  bool reverse;
+};
+
+// output (G, T, B, R), h_n (G, B, R), c_n (G, B, H) [(0,) without a cell state], gates,
+// h_states (G, T+1, B, R), aux (G, T+1, B, H) acc dtype [(0,) without aux].
+using ForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+// grad_input, grad_weight_ih, grad_weight_hh, grad_bias (G, KH), grad_bias_hh (G, KH) [(0,) for
+// cells that fold b_hh], grad_weight_hr [(0,) without a projection], grad_h0, grad_c0 [(0,)
+// without a cell state].
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                  at::Tensor, at::Tensor, at::Tensor>;
+
+template <class Cell>
+ForwardResult recurrence_forward(const ForwardArgs& args, const RecurrenceKernels& kernels);
+template <class Cell>
+BackwardResult recurrence_backward(const BackwardArgs& args, const RecurrenceKernels& kernels);
+
+// The path switch: a setter on the extension (mtl_kernels._C.set_recurrence_path), atomic, with
+// the default taken once from MTL_KERNELS_LSTM_PATH.
+//   kAuto     the sequence path where the backend judges it faster, else per step
+//   kSequence the sequence path wherever the backend can run it
+//   kPerStep  always per step
+enum class RecurrencePath { kAuto, kSequence, kPerStep };
+RecurrencePath recurrence_path();
+void set_recurrence_path(RecurrencePath path);
+RecurrencePath parse_recurrence_path(const char* name);
+const char* recurrence_path_name(RecurrencePath path);
+
+// How many recurrences ran on each path since the module was loaded.
+struct PathCounts {
+  int64_t forward_sequence, forward_per_step, backward_sequence, backward_per_step;
+};
+PathCounts path_counts();
+
+// Cell state / aux / gate arithmetic dtype: fp32 for the half types (as cuDNN), else the input's.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+}  // namespace mtl_kernels

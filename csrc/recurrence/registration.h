@@ -1,0 +1,58 @@
+// The ops' unboxed signatures (csrc/ops.cpp has their schemas) around a backend's implementation
+// of the driver's ForwardArgs / BackwardArgs: each backend registers these for its dispatch key.
+#pragma once
+
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <string>
+
+#include "recurrence/driver.h"
+
+namespace mtl_kernels {
+
+using OptTensor = std::optional<at::Tensor>;
+using ForwardImpl = ForwardResult (*)(const std::string& cell, const ForwardArgs&);
+using BackwardImpl = BackwardResult (*)(const std::string& cell, const BackwardArgs&);
+
+// grouped_recurrence_forward(str cell, Tensor input, Tensor weight_ih, Tensor weight_hh,
+//     Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, Tensor? lengths,
+//     bool reverse)
+template <ForwardImpl F>
+ForwardResult forward_op(c10::string_view cell, const at::Tensor& input, const at::Tensor& weight_ih,
+                         const at::Tensor& weight_hh, const OptTensor& bias, const OptTensor& bias_hh,
+                         const OptTensor& weight_hr, const at::Tensor& h0, const OptTensor& c0,
+                         const OptTensor& lengths, bool reverse) {
+  return F(std::string(cell), ForwardArgs{input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0,
+                                          c0, lengths, reverse});
+}
+
+// grouped_recurrence_backward(str cell, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n,
+//     Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor gates,
+//     Tensor h_states, Tensor aux, Tensor? lengths, bool reverse)
+template <BackwardImpl F>
+BackwardResult backward_op(c10::string_view cell, const at::Tensor& grad_output,
+                           const at::Tensor& grad_h_n, const OptTensor& grad_c_n,
+                           const at::Tensor& input, const at::Tensor& weight_ih,
+                           const at::Tensor& weight_hh, const OptTensor& weight_hr,
+                           const at::Tensor& gates, const at::Tensor& h_states,
+                           const at::Tensor& aux, const OptTensor& lengths, bool reverse) {
+  return F(std::string(cell), BackwardArgs{grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                           weight_hh, weight_hr, gates, h_states, aux, lengths,
+                                           reverse});
+}
+
+// The backends (recurrence/cpu.cpp, recurrence/cuda_per_step.cu).
+ForwardResult grouped_recurrence_forward_cpu(const std::string& cell, const ForwardArgs& args);
+BackwardResult grouped_recurrence_backward_cpu(const std::string& cell, const BackwardArgs& args);
+ForwardResult grouped_recurrence_forward_cuda(const std::string& cell, const ForwardArgs& args);
+BackwardResult grouped_recurrence_backward_cuda(const std::string& cell, const BackwardArgs& args);
+// The persistent kernel's work run on the CPU with a given tiling (persistent_emulate.cpp).
+ForwardResult grouped_recurrence_forward_emulated(const std::string& cell, const ForwardArgs& args,
+                                                  int64_t units, int64_t tile_rows,
+                                                  int64_t threads_y);
+BackwardResult grouped_recurrence_backward_emulated(const std::string& cell, const BackwardArgs& args,
+                                                    int64_t units, int64_t tile_rows,
+                                                    int64_t threads_y, int64_t chunk);
+
+}  // namespace mtl_kernels

@@ -1,0 +1,140 @@
+// One call's recurrence as raw pointers and strides (host and device): what every kernel of every
+// path gets, whichever the cell. The host builds these from tensors (recurrence/driver.h); a
+// kernel picks the rows of step t with forward_row / backward_row.
+//
+// Shapes (K = Cell::kGates, H hidden units; one layer, one direction, all G groups):
+//   gates    the input projection (x W_ih^T), overwritten by the forward with the saved values
+//            (Cell::forward's act); row (g, t, b) = K*H contiguous values at
+//            g * gates_sg + t * gates_st + b * gates_sb: (T, B, G, KH) for an input shared by the
+//            groups, (G, T, B, KH) for one input per group
+//   dgates   backward: the input-side pre-activation gradients, gates' layout
+//   drec     backward: the recurrent-side ones (== dgates unless Cell::kSplitRecGrad)
+//   h_states (G, T+1, B, H): slot t and t+1 are the states around step t (forward direction;
+//            prev_slot / next_slot below give the reverse direction's)
+//   aux      (G, T+1, B, H) acc_t, cells with kAux: the value the cell saves at a step's next slot
+//            (the LSTM's c, with c0 in the first slot)
+//   output   (G, T, B, H)
+//   lengths  (B,) or nullptr: steps t >= lengths[b] are padding (state held, output 0)
+#pragma once
+
+#include <cstdint>
+
+#include "common/macros.h"
+
+namespace mtl_kernels {
+
+// The states around step t live in slots t and t+1 (forward); in the reverse direction slot t+1
+// is before step t and slot t after it. Loop step s of a forward runs time step forward_time(s); a
+// backward runs them in the opposite order.
+MTL_HD int64_t prev_slot(int64_t t, bool reverse) { return reverse ? t + 1 : t; }
+MTL_HD int64_t next_slot(int64_t t, bool reverse) { return reverse ? t : t + 1; }
+MTL_HD int64_t first_slot(int64_t T, bool reverse) { return reverse ? T : 0; }
+MTL_HD int64_t last_slot(int64_t T, bool reverse) { return reverse ? 0 : T; }
+MTL_HD int64_t forward_time(int64_t s, int64_t T, bool reverse) { return reverse ? T - 1 - s : s; }
+MTL_HD int64_t backward_time(int64_t s, int64_t T, bool reverse) { return reverse ? s : T - 1 - s; }
+
+template <typename scalar_t, typename acc_t>
+struct SequenceForward {
+  const scalar_t* weight_hh;  // (G, KH, H) contiguous
+  scalar_t* gates;
+  int64_t gates_sg, gates_st, gates_sb;
+  const scalar_t* bias;     // (G, KH) input side (b_ih, or b_ih + b_hh folded) or nullptr
+  const scalar_t* bias_hh;  // (G, KH) recurrent side (cells with kRecBias) or nullptr
+  scalar_t* h_states;
+  int64_t h_sg, h_sslot;
+  acc_t* aux;  // nullptr for cells without kAux
+  int64_t aux_sg, aux_sslot;
+  scalar_t* output;
+  int64_t out_sg, out_st;
+  const int64_t* lengths;
+  int64_t T, G, B, H;
+  bool reverse;
+};
+
+template <typename scalar_t, typename acc_t>
+struct SequenceBackward {
+  const scalar_t* weight_hh;  // (G, KH, H) contiguous
+  const scalar_t* gates;      // the saved values
+  scalar_t* dgates;
+  scalar_t* drec;
+  int64_t gates_sg, gates_st, gates_sb;
+  const scalar_t* h_states;
+  int64_t h_sg, h_sslot;
+  const acc_t* aux;
+  int64_t aux_sg, aux_sslot;
+  const scalar_t* grad_output;  // (G, T, B, H)
+  int64_t gout_sg, gout_st;
+  const scalar_t* grad_h_n;  // (G, B, H) contiguous
+  const acc_t* grad_c_n;     // (G, B, H) contiguous, cell-state cells, else nullptr
+  scalar_t* grad_h0;         // (G, B, H) contiguous, out
+  acc_t* grad_c0;            // (G, B, H) contiguous, out, cell-state cells
+  const int64_t* lengths;
+  int64_t T, G, B, H;
+  bool reverse;
+};
+
+MTL_HD bool is_valid_step(const int64_t* lengths, int64_t t, int64_t b) {
+  return lengths == nullptr || t < lengths[b];
+}
+
+// The rows of one (group g, batch row b) at step t.
+template <typename scalar_t, typename acc_t>
+struct ForwardRow {
+  scalar_t* gates;
+  const scalar_t* bias;     // nullptr without bias
+  const scalar_t* bias_hh;  // nullptr unless the cell keeps b_hh apart
+  const scalar_t* h_prev;
+  scalar_t* h_next;
+  const acc_t* aux_prev;  // nullptr without aux
+  acc_t* aux_next;
+  scalar_t* out;
+  bool valid;  // false on padding steps
+};
+
+template <typename scalar_t, typename acc_t>
+MTL_HD ForwardRow<scalar_t, acc_t> forward_row(const SequenceForward<scalar_t, acc_t>& q, int64_t K,
+                                               int64_t t, int64_t g, int64_t b) {
+  ForwardRow<scalar_t, acc_t> r;
+  const int64_t H = q.H, p = prev_slot(t, q.reverse), n = next_slot(t, q.reverse);
+  r.gates = q.gates + g * q.gates_sg + t * q.gates_st + b * q.gates_sb;
+  r.bias = q.bias ? q.bias + g * K * H : nullptr;
+  r.bias_hh = q.bias_hh ? q.bias_hh + g * K * H : nullptr;
+  r.h_prev = q.h_states + g * q.h_sg + p * q.h_sslot + b * H;
+  r.h_next = q.h_states + g * q.h_sg + n * q.h_sslot + b * H;
+  r.aux_prev = q.aux ? q.aux + g * q.aux_sg + p * q.aux_sslot + b * H : nullptr;
+  r.aux_next = q.aux ? q.aux + g * q.aux_sg + n * q.aux_sslot + b * H : nullptr;
+  r.out = q.output + g * q.out_sg + t * q.out_st + b * H;
+  r.valid = is_valid_step(q.lengths, t, b);
+  return r;
+}
+
+template <typename scalar_t, typename acc_t>
+struct BackwardRow {
+  const scalar_t* gates;
+  scalar_t* dgates;
+  scalar_t* drec;
+  const scalar_t* h_prev;
+  const acc_t* aux_prev;
+  const acc_t* aux_next;
+  const scalar_t* grad_out;
+  bool valid;
+};
+
+template <typename scalar_t, typename acc_t>
+MTL_HD BackwardRow<scalar_t, acc_t> backward_row(const SequenceBackward<scalar_t, acc_t>& q, int64_t t,
+                                                 int64_t g, int64_t b) {
+  BackwardRow<scalar_t, acc_t> r;
+  const int64_t H = q.H, p = prev_slot(t, q.reverse), n = next_slot(t, q.reverse);
+  const int64_t off = g * q.gates_sg + t * q.gates_st + b * q.gates_sb;
+  r.gates = q.gates + off;
+  r.dgates = q.dgates + off;
+  r.drec = q.drec + off;
+  r.h_prev = q.h_states + g * q.h_sg + p * q.h_sslot + b * H;
+  r.aux_prev = q.aux ? q.aux + g * q.aux_sg + p * q.aux_sslot + b * H : nullptr;
+  r.aux_next = q.aux ? q.aux + g * q.aux_sg + n * q.aux_sslot + b * H : nullptr;
+  r.grad_out = q.grad_output + g * q.gout_sg + t * q.gout_st + b * H;
+  r.valid = is_valid_step(q.lengths, t, b);
+  return r;
+}
+
+}  // namespace mtl_kernels

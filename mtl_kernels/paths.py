@@ -1,0 +1,37 @@
+"""How the grouped recurrences run: the path switch and the per-path counters."""
+import contextlib
+
+from . import _C
+
+PATHS = ("auto", "sequence", "per_step")
+
+
+@contextlib.contextmanager
+def recurrence_path(path: str):
+    """Choose how the grouped recurrences run, within a ``with`` block.
+
+    ``"auto"`` (the default): the whole sequence in one kernel call where the backend judges it
+    faster, else per step. ``"sequence"``: the whole sequence in one kernel call wherever it can
+    run: on a GPU the persistent kernel (all time steps in one launch) where its plan fits the
+    device, on the CPU rows in parallel. ``"per_step"``: one batched GEMM and one cell kernel per
+    step.
+
+    The switch is one process-wide atomic setting of the extension
+    (``mtl_kernels._C.set_recurrence_path``; every thread sees it); its default comes from the
+    environment variable ``MTL_KERNELS_LSTM_PATH``, read once.
+    """
+    if path not in PATHS:
+        raise ValueError(f"recurrence_path must be one of {PATHS}, got {path!r}")
+    old = _C.set_recurrence_path(path)
+    try:
+        yield
+    finally:
+        _C.set_recurrence_path(old)
+
+
+def path_counts() -> dict:
+    """How many single-layer, single-direction recurrences ran on each path since import:
+    ``{"forward_sequence", "forward_per_step", "backward_sequence", "backward_per_step"}``."""
+    fs, fp, bs, bp = _C.path_counts()
+    return {"forward_sequence": fs, "forward_per_step": fp, "backward_sequence": bs,
+            "backward_per_step": bp}

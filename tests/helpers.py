@@ -1,0 +1,58 @@
+"""Test helpers shared by the test files: inputs of the recurrence ops for any cell, comparisons."""
+import torch
+
+CELLS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+HAS_C = {"lstm": True, "gru": False, "rnn_tanh": False, "rnn_relu": False}
+
+
+def randn(g, *shape, dtype=torch.float64, device="cpu", scale=1.0):
+    """Fresh normal values drawn in fp64 on the CPU (so every dtype sees the same values, rounded)."""
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def recurrence_args(cell, G, T, B, C, H, dtype=torch.float64, shared=True, bias=True,
+                    lengths=False, seed=0, device="cpu", proj=0, w_scale=0.5):
+    """grouped_recurrence_forward's arguments after `cell` and before `reverse`:
+    (input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    K, R = GATES[cell], proj or H
+    r = lambda *s, scale=1.0: randn(g, *s, dtype=dtype, device=device, scale=scale)  # noqa: E731
+    x = r(T, B, C) if shared else r(G, T, B, C)
+    w_ih, w_hh = r(G, K * H, C, scale=w_scale), r(G, K * H, R, scale=w_scale)
+    b = r(G, K * H) if bias else None
+    b_hh = r(G, K * H) if bias and cell == "gru" else None
+    w_hr = r(G, proj, H, scale=w_scale) if proj else None
+    h0 = r(G, B, R)
+    c0 = r(G, B, H) if HAS_C[cell] else None
+    L = torch.randint(1, T + 1, (B,), generator=g).to(device) if lengths else None
+    return x, w_ih, w_hh, b, b_hh, w_hr, h0, c0, L
+
+
+def recurrence_grads(cell, G, T, B, H, dtype=torch.float64, seed=1, device="cpu", proj=0):
+    """The backward's incoming gradients: (grad_output, grad_h_n, grad_c_n or None)."""
+    g = torch.Generator().manual_seed(seed)
+    R = proj or H
+    r = lambda *s: randn(g, *s, dtype=dtype, device=device)  # noqa: E731
+    return r(G, T, B, R), r(G, B, R), (r(G, B, H) if HAS_C[cell] else None)
+
+
+def backward_args(cell, grads, args, fwd, reverse):
+    """grouped_recurrence_backward's arguments after `cell`, from the forward's arguments and results."""
+    x, w_ih, w_hh, _, _, w_hr, _, _, L = args
+    return (*grads, x, w_ih, w_hh, w_hr, fwd[3], fwd[4], fwd[5], L, reverse)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_all_close(got, want, **tol):
+    """Every result close, and none NaN-poisoned (an element no kernel wrote)."""
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert not a.isnan().any(), f"result {i} has unwritten (NaN-poisoned) elements"
+        torch.testing.assert_close(a, b, msg=lambda m: f"result {i}: {m}", **tol)
+
+
+def upcast(tensors):
+    return [t.double() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
