@@ -33,6 +33,15 @@ TORCH_LIBRARY(mtl_kernels, m) {
       "Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, Tensor? lengths, "
       "bool reverse) -> "
       "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor h_states, Tensor aux)");
+  // The same recurrence as the modules run it: output, h_n, c_n only. When a gradient is needed
+  // (grad mode on, an argument requiring grad) its autograd saves what backward needs and keeps it
+  // to itself (its backward then reuses the saved gates' buffer); otherwise (no_grad,
+  // inference_mode, frozen weights) it saves nothing: no gates or state sequences are kept, the
+  // states alternate between two slots and the input projection runs in chunks of steps.
+  m.def(
+      "grouped_recurrence(str cell, Tensor input, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, Tensor? lengths, "
+      "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
   // grad_c_n for lstm only. Returns grad_bias (G, KH), grad_bias_hh (G, KH) [gru; else (0,)],
   // grad_weight_hr [with weight_hr; else (0,)], grad_c0 [lstm; else (0,)].
   m.def(
@@ -73,6 +82,15 @@ TORCH_LIBRARY(mtl_kernels, m) {
       "str nonlinearity=\"tanh\") -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_h0)");
+
+  // The backward writing the pre-activation gradients over `gates` (for the C++ autograd, which
+  // needs the saved values no more: it spares a buffer of their size).
+  m.def(
+      "_grouped_recurrence_backward_in_place(str cell, Tensor grad_output, Tensor grad_h_n, "
+      "Tensor? grad_c_n, Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
+      "Tensor(a!) gates, Tensor h_states, Tensor aux, Tensor? lengths, bool reverse) -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_bias_hh, Tensor grad_weight_hr, Tensor grad_h0, Tensor grad_c0)");
 
   // Test hooks: the persistent kernel's work run on the CPU, block by block and thread by thread,
   // with the tiling given (recurrence/persistent_emulate.cpp). The recurrence ops' arguments and
@@ -218,6 +236,29 @@ ForwardResult recurrence_forward_autocast(c10::string_view cell, const Tensor& i
 }
 
 template <c10::DeviceType kDevice, c10::DispatchKey kKey>
+InferenceResult recurrence_inference_autocast(c10::string_view cell, const Tensor& input,
+                                              const Tensor& weight_ih, const Tensor& weight_hh,
+                                              const OptTensor& bias, const OptTensor& bias_hh,
+                                              const OptTensor& weight_hr, const Tensor& h0,
+                                              const OptTensor& c0, const OptTensor& lengths,
+                                              bool reverse) {
+  using Sig = InferenceResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
+                              const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                              const OptTensor&, const OptTensor&, bool);
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence", "")
+                       .typed<Sig>();
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
+  const at::ScalarType dt = at::autocast::get_autocast_dtype(kDevice);
+  const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
+  const auto cast_opt = [&](const OptTensor& t) {
+    return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
+  };
+  return op.call(cell, cast(input), cast(weight_ih), cast(weight_hh), cast_opt(bias),
+                 cast_opt(bias_hh), cast_opt(weight_hr), cast(h0), cast_opt(c0), lengths, reverse);
+}
+
+template <c10::DeviceType kDevice, c10::DispatchKey kKey>
 std::tuple<Tensor, Tensor, Tensor> attention_forward_autocast(const Tensor& branches,
                                                               const Tensor& weight,
                                                               const OptTensor& bias) {
@@ -295,12 +336,22 @@ PyObject* py_persistent_plan(PyObject*, PyObject* args) {
       "blocks_per_sm", (long long)p.blocks_per_sm);
 }
 
+// _C._set_inference_chunk_bytes(n): the inference forward's input-projection chunk (a test hook).
+PyObject* py_set_inference_chunk_bytes(PyObject*, PyObject* args) {
+  long long n;
+  if (!PyArg_ParseTuple(args, "L", &n)) return nullptr;
+  set_inference_chunk_bytes(n);
+  Py_RETURN_NONE;
+}
+
 PyMethodDef module_methods[] = {
     {"path_counts", py_path_counts, METH_NOARGS, "recurrences run per path since import"},
     {"set_recurrence_path", py_set_recurrence_path, METH_VARARGS,
      "set the recurrence path (auto, sequence, per_step); returns the previous one"},
     {"get_recurrence_path", py_get_recurrence_path, METH_NOARGS, "the recurrence path"},
     {"persistent_plan", py_persistent_plan, METH_VARARGS, "the persistent kernel's plan"},
+    {"_set_inference_chunk_bytes", py_set_inference_chunk_bytes, METH_VARARGS,
+     "the inference forward's chunk size in bytes (a test hook)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -317,6 +368,8 @@ TORCH_LIBRARY_IMPL(mtl_kernels, CompositeImplicitAutograd, m) {
 TORCH_LIBRARY_IMPL(mtl_kernels, AutocastCPU, m) {
   m.impl("grouped_recurrence_forward",
          &recurrence_forward_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+  m.impl("grouped_recurrence",
+         &recurrence_inference_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
   m.impl("branch_attention_forward",
          &attention_forward_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
 }
@@ -324,6 +377,8 @@ TORCH_LIBRARY_IMPL(mtl_kernels, AutocastCPU, m) {
 TORCH_LIBRARY_IMPL(mtl_kernels, AutocastCUDA, m) {
   m.impl("grouped_recurrence_forward",
          &recurrence_forward_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+  m.impl("grouped_recurrence",
+         &recurrence_inference_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
   m.impl("branch_attention_forward",
          &attention_forward_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
 }

@@ -146,7 +146,7 @@ def _loop_vmap(op):
 
 
 if hasattr(torch.library, "register_vmap"):  # torch >= 2.5
-    for _name in ("grouped_recurrence_forward", "grouped_recurrence_backward",
+    for _name in ("grouped_recurrence_forward", "grouped_recurrence", "grouped_recurrence_backward",
                   "branch_attention_forward", "branch_attention_backward"):
         _op = getattr(ops, _name).default
         torch.library.register_vmap(_op, _loop_vmap(_op))

@@ -43,6 +43,21 @@ def _recurrence_forward_fake(cell, input, weight_ih, weight_hh, bias, bias_hh, w
     return output, h_n, c_n, gates, h_states, aux
 
 
+@torch.library.register_fake("mtl_kernels::grouped_recurrence")
+def _recurrence_fake(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
+                     reverse):
+    output, h_n, c_n, _, _, _ = _recurrence_forward_fake(cell, input, weight_ih, weight_hh, bias,
+                                                         bias_hh, weight_hr, h0, c0, lengths, reverse)
+    return output, h_n, c_n
+
+
+@torch.library.register_fake("mtl_kernels::_grouped_recurrence_backward_in_place")
+def _recurrence_backward_in_place_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                       weight_hh, weight_hr, gates, h_states, aux, lengths, reverse):
+    return _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                     weight_hh, weight_hr, gates, h_states, aux, lengths, reverse)
+
+
 @torch.library.register_fake("mtl_kernels::grouped_recurrence_backward")
 def _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
                               weight_hr, gates, h_states, aux, lengths, reverse):
@@ -83,11 +98,15 @@ def recurrence_layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Ten
     h0 (G, B, R); c0 (G, B, H) (lstm only); lengths (B,) int64 on input's device or None;
     weight_hr (G, P, H) (lstm only, a projection: R = P, else R = H).
     Returns output (G, T, B, R), h_n (G, B, R), c_n (G, B, H) or None.
+
+    Runs grouped_recurrence: when nothing needs a gradient (no_grad, inference_mode, or no argument
+    requiring grad) it keeps nothing for backward.
     """
-    forward = _functorch.recurrence_forward if _functorch.transforms_active() else \
-        ops.grouped_recurrence_forward
-    output, h_n, c_n, _, _, _ = forward(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr,
-                                        h0, c0, lengths, reverse)
+    args = (cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths, reverse)
+    if _functorch.transforms_active():
+        output, h_n, c_n, _, _, _ = _functorch.recurrence_forward(*args)
+    else:
+        output, h_n, c_n = ops.grouped_recurrence(*args)
     return output, h_n, (c_n if CELL_HAS_STATE[cell] else None)
 
 

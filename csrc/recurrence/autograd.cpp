@@ -1,4 +1,5 @@
-// Autograd of grouped_recurrence_forward, in C++ (the Autograd key: every backend), for every cell.
+// Autograd of grouped_recurrence_forward and grouped_recurrence, in C++ (the Autograd key: every
+// backend), for every cell.
 //
 // Why C++: the Python torch.library.register_autograd path cost ~250 us per layer and direction
 // forward+backward on the CPU at the seed models' sizes, and on a GPU, where the persistent kernel
@@ -35,6 +36,13 @@ using BackwardSig = BackwardResult(c10::string_view, const Tensor&, const Tensor
                                    const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                    const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                    bool);
+using BackwardInPlaceSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&,
+                                          const OptTensor&, const Tensor&, const Tensor&,
+                                          const Tensor&, const OptTensor&, Tensor&, const Tensor&,
+                                          const Tensor&, const OptTensor&, bool);
+using InferenceSig = InferenceResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
+                                     const OptTensor&, const OptTensor&, const OptTensor&,
+                                     const Tensor&, const OptTensor&, const OptTensor&, bool);
 
 // The cells' templated forward over tensors: each value a (G, B, H) tensor.
 struct TensorMath {
@@ -86,43 +94,58 @@ std::vector<Tensor> composite_forward(const Tensor& input, const Tensor& w_ih, c
 }
 
 Tensor defined_or_null(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> {
+const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence_forward", "")
+                       .typed<ForwardSig>();
+  return op;
+}
+
+// The autograd of both forward ops:
+//   grouped_recurrence_forward (kHidden = false) returns the saved tensors (gates, h_states, aux)
+//     with its results, so its backward must leave them as they are;
+//   grouped_recurrence (kHidden = true), what the modules run, returns output, h_n, c_n only and
+//     keeps the saved tensors to itself: its backward writes the pre-activation gradients over the
+//     saved gates (no second buffer of their size). A second backward through the same graph
+//     (retain_graph=True) finds them consumed and runs the forward again first.
+template <bool kHidden>
+class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction<kHidden>> {
  public:
   static variable_list forward(AutogradContext* ctx, const std::string& cell, const Tensor& input,
                                const Tensor& weight_ih, const Tensor& weight_hh,
                                const OptTensor& bias, const OptTensor& bias_hh,
                                const OptTensor& weight_hr, const Tensor& h0, const OptTensor& c0,
                                const OptTensor& lengths, bool reverse) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mtl_kernels::grouped_recurrence_forward", "")
-                         .typed<ForwardSig>();
     Tensor output, h_n, c_n, gates, h_states, aux;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, h_n, c_n, gates, h_states, aux) =
-          op.call(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
-                  reverse);
+      std::tie(output, h_n, c_n, gates, h_states, aux) = forward_op().call(
+          cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths, reverse);
     }
     ctx->saved_data["cell"] = cell;
     ctx->saved_data["reverse"] = reverse;
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["has_bias_hh"] = bias_hh.has_value();
-    // bias, bias_hh, h0, c0: for the composite (double) backward only; references, not copies
+    // bias, bias_hh, h0, c0: for the composite (double) backward and a recomputed forward only;
+    // references, not copies
     ctx->save_for_backward({input, weight_ih, weight_hh, gates, h_states, aux, defined_or_null(lengths),
                             defined_or_null(bias), defined_or_null(bias_hh), h0, defined_or_null(c0),
                             defined_or_null(weight_hr)});
-    ctx->mark_non_differentiable({gates, h_states, aux});
     if (!c0.has_value()) ctx->mark_non_differentiable({c_n});  // a (0,) placeholder
     ctx->set_materialize_grads(false);  // no zero tensors for outputs nobody used
+    if constexpr (kHidden) return {output, h_n, c_n};
+    ctx->mark_non_differentiable({gates, h_states, aux});
     return {output, h_n, c_n, gates, h_states, aux};
   }
 
-  // grads: d output (G, T, B, H), d h_n, d c_n (G, B, H), each possibly undefined; the rest unused.
+  // grads: d output (G, T, B, R), d h_n, d c_n, each possibly undefined; the rest unused.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const Tensor &input = saved[0], &weight_ih = saved[1], &weight_hh = saved[2];
-    const Tensor &gates = saved[3], &h_states = saved[4], &aux = saved[5], &lengths = saved[6];
+    Tensor gates = saved[3], h_states = saved[4], aux = saved[5];
+    const Tensor& lengths = saved[6];
     const Tensor &bias = saved[7], &bias_hh = saved[8], &h0 = saved[9], &c0 = saved[10];
     const Tensor& weight_hr = saved[11];
     const std::string cell = ctx->saved_data["cell"].toStringRef();
@@ -141,9 +164,6 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
           {input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0});
       return {Tensor(), d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7], Tensor(), Tensor()};
     }
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mtl_kernels::grouped_recurrence_backward", "")
-                         .typed<BackwardSig>();
     // Missing incoming gradients are zeros: grad_output (G, T, B, R) from h_states (G, T+1, B, R),
     // grad_h_n like h0, grad_c_n like c0. Symbolic sizes, so that torch.compile(dynamic=True)
     // traces this without specialising T or B.
@@ -154,10 +174,28 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction> 
     const Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     OptTensor grad_c_n;
     if (cell_state) grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(c0);
-    const auto opt = [](const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; };
-    auto [d_input, d_w_ih, d_w_hh, d_bias, d_bias_hh, d_w_hr, d_h0, d_c0] =
-        op.call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
-                gates, h_states, aux, opt(lengths), reverse);
+    BackwardResult d;
+    if constexpr (kHidden) {
+      if (ctx->saved_data.count("gates_consumed")) {  // retain_graph: the forward again
+        at::AutoDispatchBelowADInplaceOrView below_autograd;
+        std::tie(std::ignore, std::ignore, std::ignore, gates, h_states, aux) =
+            forward_op().call(cell, input, weight_ih, weight_hh, opt(bias), opt(bias_hh),
+                              opt(weight_hr), h0, opt(c0), opt(lengths), reverse);
+      }
+      ctx->saved_data["gates_consumed"] = true;
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mtl_kernels::_grouped_recurrence_backward_in_place", "")
+                           .typed<BackwardInPlaceSig>();
+      d = op.call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
+                  gates, h_states, aux, opt(lengths), reverse);
+    } else {
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("mtl_kernels::grouped_recurrence_backward", "")
+                           .typed<BackwardSig>();
+      d = op.call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
+                  gates, h_states, aux, opt(lengths), reverse);
+    }
+    auto [d_input, d_w_ih, d_w_hh, d_bias, d_bias_hh, d_w_hr, d_h0, d_c0] = d;
     return {Tensor(),
             d_input,
             d_w_ih,
@@ -180,16 +218,46 @@ ForwardResult grouped_recurrence_forward_autograd(c10::string_view cell, const T
                                                   bool reverse) {
   check_no_functorch("grouped_recurrence_forward",
                      "the modules or mtl_kernels._ops.recurrence_layer");
-  const variable_list r = RecurrenceFunction::apply(std::string(cell), input, weight_ih, weight_hh,
-                                                    bias, bias_hh, weight_hr, h0, c0, lengths,
-                                                    reverse);
+  const variable_list r = RecurrenceFunction<false>::apply(
+      std::string(cell), input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
+      reverse);
   return {r[0], r[1], r[2], r[3], r[4], r[5]};
+}
+
+// grouped_recurrence: the training forward (saving what backward needs, kept to itself) when a
+// gradient is needed, else the inference forward (saving nothing).
+InferenceResult grouped_recurrence_autograd(c10::string_view cell, const Tensor& input,
+                                            const Tensor& weight_ih, const Tensor& weight_hh,
+                                            const OptTensor& bias, const OptTensor& bias_hh,
+                                            const OptTensor& weight_hr, const Tensor& h0,
+                                            const OptTensor& c0, const OptTensor& lengths,
+                                            bool reverse) {
+  const auto needs_grad = [](const Tensor& t) { return t.defined() && t.requires_grad(); };
+  const auto opt_needs_grad = [&](const OptTensor& t) { return t.has_value() && needs_grad(*t); };
+  const bool grad = at::GradMode::is_enabled() &&
+                    (needs_grad(input) || needs_grad(weight_ih) || needs_grad(weight_hh) ||
+                     opt_needs_grad(bias) || opt_needs_grad(bias_hh) || opt_needs_grad(weight_hr) ||
+                     needs_grad(h0) || opt_needs_grad(c0));
+  if (!grad) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("mtl_kernels::grouped_recurrence", "")
+                         .typed<InferenceSig>();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return op.call(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
+                   reverse);
+  }
+  check_no_functorch("grouped_recurrence", "the modules or mtl_kernels._ops.recurrence_layer");
+  const variable_list r = RecurrenceFunction<true>::apply(
+      std::string(cell), input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
+      reverse);
+  return {r[0], r[1], r[2]};
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(mtl_kernels, Autograd, m) {
   m.impl("grouped_recurrence_forward", &grouped_recurrence_forward_autograd);
+  m.impl("grouped_recurrence", &grouped_recurrence_autograd);
 }
 
 }  // namespace mtl_kernels

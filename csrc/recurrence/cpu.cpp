@@ -55,8 +55,10 @@ MTL_CPU_CLONES void forward_valid_row(scalar_t* __restrict__ gates, const scalar
   }
 }
 
-template <class Cell, typename scalar_t, typename acc_t>
-MTL_CPU_CLONES void backward_valid_row(const scalar_t* __restrict__ gates, scalar_t* __restrict__ dgates,
+// The gradients into dgates, or (kInPlace) into the saved values' own buffer `io`.
+template <class Cell, bool kInPlace, typename scalar_t, typename acc_t>
+MTL_CPU_CLONES void backward_valid_row(const scalar_t* __restrict__ gates,
+                                       scalar_t* __restrict__ dgates_or_io,
                                        scalar_t* __restrict__ drec, const scalar_t* __restrict__ h_prev,
                                        const acc_t* __restrict__ aux_prev,
                                        const acc_t* __restrict__ aux_next,
@@ -66,9 +68,13 @@ MTL_CPU_CLONES void backward_valid_row(const scalar_t* __restrict__ gates, scala
                                        int64_t H) {
   for (int64_t j = 0; j < H; ++j) {
     acc_t daux = Cell::kCellState ? dc[j] : acc_t(0), pass;
-    backward_unit<Cell>(gates, dgates, drec, acc_t(h_prev[j]), Cell::kAux ? aux_prev[j] : acc_t(0),
-                        Cell::kAux ? aux_next[j] : acc_t(0), acc_t(grad_out[j]) + acc_t(dh_in[j]),
-                        daux, pass, j, H);
+    const acc_t ap = Cell::kAux ? aux_prev[j] : acc_t(0), an = Cell::kAux ? aux_next[j] : acc_t(0);
+    const acc_t dh = acc_t(grad_out[j]) + acc_t(dh_in[j]);
+    if constexpr (kInPlace) {  // `gates` is unused (nullptr): io alone reads and writes
+      backward_unit_in_place<Cell>(dgates_or_io, drec, acc_t(h_prev[j]), ap, an, dh, daux, pass, j, H);
+    } else {
+      backward_unit<Cell>(gates, dgates_or_io, drec, acc_t(h_prev[j]), ap, an, dh, daux, pass, j, H);
+    }
     if constexpr (Cell::kCellState) dc[j] = daux;
     dh_pass[j] = scalar_t(pass);
   }
@@ -112,8 +118,15 @@ void backward_rows(const SequenceBackward<scalar_t, acc_t>& q, const scalar_t* d
         pass[j] = scalar_t(p);
       }
     } else {
-      backward_valid_row<Cell>(r.gates, r.dgates, r.drec, r.h_prev, r.aux_prev, r.aux_next,
-                               r.grad_out, in, pass, dc ? dc + rw * H : nullptr, H);
+      acc_t* dcr = dc ? dc + rw * H : nullptr;
+      if (r.gates == r.dgates) {
+        backward_valid_row<Cell, true>(static_cast<const scalar_t*>(nullptr), r.dgates, r.drec,
+                                       r.h_prev, r.aux_prev, r.aux_next, r.grad_out, in, pass, dcr,
+                                       H);
+      } else {
+        backward_valid_row<Cell, false>(r.gates, r.dgates, r.drec, r.h_prev, r.aux_prev,
+                                        r.aux_next, r.grad_out, in, pass, dcr, H);
+      }
     }
   }
 }
@@ -219,7 +232,7 @@ bool forward_sequence_cpu(const ForwardSequence& s) {
       std::vector<acc_t> acc(kRowBlock * KH);
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = forward_time(step, T, s.reverse);
-        const int64_t prev = prev_slot(t, s.reverse);
+        const int64_t prev = state_slot(q, prev_slot(t, s.reverse));
         for_row_blocks(begin, end, B, [&](int64_t r, int64_t nr, int64_t g) {
           // hproj rows = h_{t-1} rows @ W_hh[g]^T
           const scalar_t* h_rows[kRowBlock];
@@ -288,6 +301,13 @@ ForwardResult grouped_recurrence_forward_cpu(const std::string& cell, const Forw
   });
 }
 
+InferenceResult grouped_recurrence_inference_cpu(const std::string& cell, const ForwardArgs& args) {
+  return dispatch_cell(parse_cell(cell), [&](auto c) {
+    using Cell = decltype(c);
+    return recurrence_inference<Cell>(args, kCpuKernels<Cell>);
+  });
+}
+
 BackwardResult grouped_recurrence_backward_cpu(const std::string& cell, const BackwardArgs& args) {
   return dispatch_cell(parse_cell(cell), [&](auto c) {
     using Cell = decltype(c);
@@ -295,9 +315,20 @@ BackwardResult grouped_recurrence_backward_cpu(const std::string& cell, const Ba
   });
 }
 
+BackwardResult grouped_recurrence_backward_in_place_cpu(const std::string& cell,
+                                                       const BackwardArgs& args) {
+  return dispatch_cell(parse_cell(cell), [&](auto c) {
+    using Cell = decltype(c);
+    return recurrence_backward<Cell>(args, kCpuKernels<Cell>, /*in_place=*/true);
+  });
+}
+
 TORCH_LIBRARY_IMPL(mtl_kernels, CPU, m) {
   m.impl("grouped_recurrence_forward", &forward_op<&grouped_recurrence_forward_cpu>);
+  m.impl("grouped_recurrence", &inference_op<&grouped_recurrence_inference_cpu>);
   m.impl("grouped_recurrence_backward", &backward_op<&grouped_recurrence_backward_cpu>);
+  m.impl("_grouped_recurrence_backward_in_place",
+         &backward_in_place_op<&grouped_recurrence_backward_in_place_cpu>);
 }
 
 }  // namespace mtl_kernels

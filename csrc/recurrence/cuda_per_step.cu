@@ -100,6 +100,14 @@ ForwardResult grouped_recurrence_forward_cuda(const std::string& cell, const For
   });
 }
 
+InferenceResult grouped_recurrence_inference_cuda(const std::string& cell, const ForwardArgs& args) {
+  const c10::cuda::CUDAGuard guard(args.input.device());
+  return dispatch_cell(parse_cell(cell), [&](auto c) {
+    using Cell = decltype(c);
+    return recurrence_inference<Cell>(args, kCudaKernels<Cell>);
+  });
+}
+
 BackwardResult grouped_recurrence_backward_cuda(const std::string& cell, const BackwardArgs& args) {
   const c10::cuda::CUDAGuard guard(args.input.device());
   return dispatch_cell(parse_cell(cell), [&](auto c) {
@@ -108,9 +116,21 @@ BackwardResult grouped_recurrence_backward_cuda(const std::string& cell, const B
   });
 }
 
+BackwardResult grouped_recurrence_backward_in_place_cuda(const std::string& cell,
+                                                       const BackwardArgs& args) {
+  const c10::cuda::CUDAGuard guard(args.input.device());
+  return dispatch_cell(parse_cell(cell), [&](auto c) {
+    using Cell = decltype(c);
+    return recurrence_backward<Cell>(args, kCudaKernels<Cell>, /*in_place=*/true);
+  });
+}
+
 TORCH_LIBRARY_IMPL(mtl_kernels, CUDA, m) {
   m.impl("grouped_recurrence_forward", &forward_op<&grouped_recurrence_forward_cuda>);
+  m.impl("grouped_recurrence", &inference_op<&grouped_recurrence_inference_cuda>);
   m.impl("grouped_recurrence_backward", &backward_op<&grouped_recurrence_backward_cuda>);
+  m.impl("_grouped_recurrence_backward_in_place",
+         &backward_in_place_op<&grouped_recurrence_backward_in_place_cuda>);
 }
 
 }  // namespace mtl_kernels

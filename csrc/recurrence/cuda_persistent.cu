@@ -12,6 +12,8 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
+#include <atomic>
+
 #include "cells/cell.h"
 #include "common/dispatch.h"
 #include "recurrence/cuda_persistent.h"
@@ -33,8 +35,8 @@ __device__ __forceinline__ void group_barrier(unsigned int* counter, unsigned in
     __threadfence();
     atomicAdd(counter, 1u);
     unsigned int seen;
-    do {
-      asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
+    do {  // a generic-address acquire load (counter is a generic pointer)
+      asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
     } while (seen < target);
     __threadfence();
   }
@@ -136,13 +138,13 @@ bool launch_persistent(const Params& q, const PersistentPlan& plan, int64_t elem
   // Allow the device's whole opt-in shared memory once per kernel instance and device (without it
   // a launch above 48 KB fails), so that no attribute call happens while a CUDA graph is being
   // captured (after the usual warm-up).
-  static bool configured[64] = {};
+  static std::atomic<bool> configured[64] = {};  // host threads may launch concurrently
   const int device = at::cuda::current_device();
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  if (device >= 64 || !configured[device]) {
+  if (device >= 64 || !configured[device].load()) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(props->sharedMemPerBlockOptin)));
-    if (device < 64) configured[device] = true;
+    if (device < 64) configured[device].store(true);
   }
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
       resident_per_sm, kernel, static_cast<int>(plan.threads()), static_cast<size_t>(smem)));
@@ -180,6 +182,8 @@ bool run_persistent(const Sequence& s) {
     const PersistentPlan plan =
         persistent_plan(Cell::kGates, s.G, s.B, s.H, elem_bytes, kBackward, lim);
     if (!plan.fits) return false;
+    // The barrier counts arrivals in 32 bits: (T + 1) * slices of them per (group, tile).
+    if ((s.T + 1) * plan.slices >= (int64_t(1) << 31)) return false;
     bool launched = false;
     int resident_per_sm = 0;
     MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_recurrence_persistent", [&] {

@@ -1,6 +1,7 @@
 // The device-agnostic recurrence driver: see driver.h.
 #include "recurrence/driver.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -116,6 +117,12 @@ GateLayout gate_layout(const Shape& s, int64_t KH) {
   return GateLayout{s.T * s.B * KH, s.B * KH, KH};               // (G, T, B, KH)
 }
 
+// The layout of a gates tensor with unit stride along KH (a view of a larger buffer too).
+GateLayout gate_layout_of(const at::Tensor& gates, bool shared) {
+  if (shared) return GateLayout{gates.stride(2), gates.stride(0), gates.stride(1)};  // (T, B, G, KH)
+  return GateLayout{gates.stride(0), gates.stride(1), gates.stride(2)};              // (G, T, B, KH)
+}
+
 at::Tensor optional_arg(const std::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? *t : at::Tensor();
 }
@@ -144,11 +151,12 @@ void projected_forward(const ForwardSequence& seq, const at::Tensor& weight_hr,
                        const RecurrenceKernels& kernels) {
   const int64_t G = seq.G, T = seq.T, B = seq.B, H = seq.H;
   const auto opts = seq.h_states.options();
-  at::Tensor scratch = at::empty({G, B, H}, opts);  // o * tanh(c_t), (G, B, H)
-  poison_if_enabled(scratch);
+  // o * tanh(c_t), (G, B, H): the cell kernel writes it as h_t into one of two slots (read
+  // from no other) and as its output into a third buffer (distinct __restrict__ pointers)
+  at::Tensor raw_h = at::zeros({G, 2, B, H}, opts), raw_out = at::empty({G, B, H}, opts);
   ForwardSequence cell = seq;
-  cell.h_states = every_step(scratch, T + 1);
-  cell.output = every_step(scratch, T);
+  cell.h_states = raw_h;
+  cell.output = every_step(raw_out, T);
   cell.lengths = at::Tensor();
   cell.H = H;
   at::Tensor hproj = at::empty({G, B, seq.gates.size(-1)}, opts);  // (G, B, KH)
@@ -160,7 +168,7 @@ void projected_forward(const ForwardSequence& seq, const at::Tensor& weight_hr,
     at::bmm_out(hproj, seq.h_states.select(1, prev), w_hh_t);
     kernels.forward_step(cell, hproj, t);
     at::Tensor h_next = seq.h_states.select(1, next);
-    at::bmm_out(h_next, scratch, w_hr_t);
+    at::bmm_out(h_next, raw_out, w_hr_t);
     if (seq.lengths.defined()) {
       const at::Tensor valid = valid_rows(seq.lengths, t, at::kBool);
       h_next.copy_(at::where(valid, h_next, seq.h_states.select(1, prev)));
@@ -216,6 +224,93 @@ at::Tensor projected_backward(const BackwardSequence& seq, bool shared, const at
   return grad_w_hr.to(opts.dtype());
 }
 
+// The forward's arguments, checked (shape, dtype, device, layout; the cell's own ones) and made
+// contiguous.
+struct ForwardInputs {
+  Shape s;
+  at::Tensor input, weight_ih, weight_hh, bias, bias_hh, weight_hr, c0, lengths;
+};
+
+template <class Cell>
+ForwardInputs check_forward(const char* op, const ForwardArgs& a) {
+  constexpr int64_t K = Cell::kGates;
+  ForwardInputs f;
+  const at::Tensor weight_hr = optional_arg(a.weight_hr);
+  f.s = check_input_and_weights<Cell>(op, a.input, a.weight_ih, a.weight_hh, weight_hr);
+  const int64_t G = f.s.G, B = f.s.B, H = f.s.H, KH = K * H;
+  const at::ScalarType dtype = a.input.scalar_type();
+  const at::Device device = a.input.device();
+  f.bias = optional_arg(a.bias);
+  f.bias_hh = optional_arg(a.bias_hh);
+  if (f.bias.defined()) check_arg(f.bias, {op, "bias", {G, KH}, dtype, device});
+  if constexpr (Cell::kRecBias) {
+    TORCH_CHECK(f.bias.defined() == f.bias_hh.defined(), op,
+                ": bias_ih and bias_hh must be given together (or neither)");
+    if (f.bias_hh.defined()) check_arg(f.bias_hh, {op, "bias_hh", {G, KH}, dtype, device});
+  } else {
+    TORCH_CHECK(!f.bias_hh.defined(), op, ": takes one bias (b_ih + b_hh), not bias_hh");
+  }
+  check_arg(a.h0, {op, "h0", {G, B, f.s.R}, dtype, device});
+  f.c0 = optional_arg(a.c0);
+  if constexpr (Cell::kCellState) {
+    TORCH_CHECK(f.c0.defined(), op, ": c0 is required");
+    check_arg(f.c0, {op, "c0", {G, B, H}, dtype, device});
+  } else {
+    TORCH_CHECK(!f.c0.defined(), op, ": this cell has no cell state, c0 must be None");
+  }
+  f.lengths = checked_lengths(a.lengths, op, B, f.s.T, device);
+  if (f.bias.defined()) f.bias = f.bias.contiguous();
+  if (f.bias_hh.defined()) f.bias_hh = f.bias_hh.contiguous();
+  f.input = a.input.contiguous();
+  f.weight_ih = a.weight_ih.contiguous();
+  f.weight_hh = a.weight_hh.contiguous();
+  if (weight_hr.defined()) f.weight_hr = weight_hr.contiguous();
+  return f;
+}
+
+// The input projection of steps [t0, t0 + n): x W_ih^T, one GEMM, into `out` when given (a
+// reused buffer of at least n steps) -> (n, B, G, KH) for a shared input, (G, n, B, KH) per group.
+at::Tensor input_projection(const ForwardInputs& f, int64_t t0, int64_t n, at::Tensor out = {}) {
+  const Shape& s = f.s;
+  const int64_t G = s.G, B = s.B, C = s.C, KH = f.weight_ih.size(1);
+  const at::Tensor w = f.weight_ih;
+  if (s.shared) {  // x (n*B, C) @ W_ih^T (C, G*KH)
+    const at::Tensor x = f.input.narrow(0, t0, n).view({n * B, C});
+    const at::Tensor wt = w.view({G * KH, C}).t();
+    if (!out.defined()) return at::mm(x, wt).view({n, B, G, KH});
+    at::Tensor o = out.narrow(0, 0, n);
+    at::Tensor o2 = o.view({n * B, G * KH});
+    at::mm_out(o2, x, wt);
+    return o;
+  }
+  // per group: (G, n*B, C) @ (G, C, KH)
+  const at::Tensor x = f.input.narrow(1, t0, n).view({G, n * B, C});
+  if (!out.defined()) return at::bmm(x, w.transpose(1, 2)).view({G, n, B, KH});
+  at::Tensor o = out.narrow(1, 0, n);
+  at::Tensor o3 = o.view({G, n * B, KH});
+  at::bmm_out(o3, x, w.transpose(1, 2));
+  return o;
+}
+
+// Runs the recurrence of `seq` (its first state slot filled) on the sequence path where the
+// backend takes it, else per step.
+void run_recurrence(const ForwardSequence& seq, const RecurrenceKernels& kernels, const char* op) {
+  if (seq.B > 0 && kernels.forward_sequence && kernels.forward_sequence(seq)) {
+    ++g_forward_sequence;
+    return;
+  }
+  TORCH_CHECK(kernels.forward_step, op, ": this call needs the per-step kernels");
+  ++g_forward_per_step;
+  const int64_t nslot = seq.h_states.size(1);
+  at::Tensor hproj = at::empty({seq.G, seq.B, seq.gates.size(-1)}, seq.h_states.options());
+  const at::Tensor w_hh_t = seq.weight_hh.transpose(1, 2);  // (G, H, KH)
+  for (int64_t step = 0; step < seq.T; ++step) {
+    const int64_t t = forward_time(step, seq.T, seq.reverse);
+    at::bmm_out(hproj, seq.h_states.select(1, prev_slot(t, seq.reverse) % nslot), w_hh_t);
+    kernels.forward_step(seq, hproj, t);
+  }
+}
+
 }  // namespace
 
 template <class Cell>
@@ -223,48 +318,17 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
   constexpr int64_t K = Cell::kGates;
   const std::string op_s = op_name<Cell>(false);
   const char* op = op_s.c_str();
-  const at::Tensor weight_hr_arg = optional_arg(a.weight_hr);
-  const Shape s = check_input_and_weights<Cell>(op, a.input, a.weight_ih, a.weight_hh, weight_hr_arg);
-  const int64_t G = s.G, T = s.T, B = s.B, C = s.C, H = s.H, R = s.R, KH = K * H;
+  const ForwardInputs f = check_forward<Cell>(op, a);
+  const Shape& s = f.s;
+  const int64_t G = s.G, T = s.T, B = s.B, H = s.H, R = s.R, KH = K * H;
   const at::ScalarType dtype = a.input.scalar_type();
-  const at::Device device = a.input.device();
   const auto opts = a.input.options();
   const auto acc_opts = opts.dtype(acc_dtype(dtype));
 
-  at::Tensor bias = optional_arg(a.bias), bias_hh = optional_arg(a.bias_hh);
-  if (bias.defined()) check_arg(bias, {op, "bias", {G, KH}, dtype, device});
-  if constexpr (Cell::kRecBias) {
-    TORCH_CHECK(bias.defined() == bias_hh.defined(), op,
-                ": bias_ih and bias_hh must be given together (or neither)");
-    if (bias_hh.defined()) check_arg(bias_hh, {op, "bias_hh", {G, KH}, dtype, device});
-  } else {
-    TORCH_CHECK(!bias_hh.defined(), op, ": takes one bias (b_ih + b_hh), not bias_hh");
-  }
-  check_arg(a.h0, {op, "h0", {G, B, R}, dtype, device});
-  const at::Tensor c0 = optional_arg(a.c0);
-  if constexpr (Cell::kCellState) {
-    TORCH_CHECK(c0.defined(), op, ": c0 is required");
-    check_arg(c0, {op, "c0", {G, B, H}, dtype, device});
-  } else {
-    TORCH_CHECK(!c0.defined(), op, ": this cell has no cell state, c0 must be None");
-  }
-  const at::Tensor lengths = checked_lengths(a.lengths, op, B, T, device);
-  if (bias.defined()) bias = bias.contiguous();
-  if (bias_hh.defined()) bias_hh = bias_hh.contiguous();
-  const at::Tensor input = a.input.contiguous();
-  const at::Tensor weight_ih = a.weight_ih.contiguous();
-  const at::Tensor weight_hh = a.weight_hh.contiguous();
-  const at::Tensor weight_hr = weight_hr_arg.defined() ? weight_hr_arg.contiguous() : at::Tensor();
-
   // ---- (1) the input projection for all steps: one GEMM ---------------------------------------
-  at::Tensor gates;
-  if (s.shared) {  // x (T*B, C) @ W_ih^T (C, G*KH) -> (T, B, G, KH)
-    gates = at::mm(input.view({T * B, C}), weight_ih.view({G * KH, C}).t()).view({T, B, G, KH});
-  } else {  // per group: (G, T*B, C) @ (G, C, KH) -> (G, T, B, KH)
-    gates = at::bmm(input.view({G, T * B, C}), weight_ih.transpose(1, 2)).view({G, T, B, KH});
-  }
+  const at::Tensor gates = input_projection(f, 0, T);
 
-  // ---- (2) the recurrence ---------------------------------------------------------------------
+  // ---- (2) the recurrence, keeping every step's states for backward ----------------------------
   at::Tensor h_states = at::empty({G, T + 1, B, R}, opts);
   at::Tensor output = at::empty({G, T, B, R}, opts);
   at::Tensor aux = Cell::kAux ? at::empty({G, T + 1, B, H}, acc_opts) : at::Tensor();
@@ -274,29 +338,19 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
   const int64_t first = first_slot(T, a.reverse);
   h_states.select(1, first).copy_(a.h0);
   if constexpr (Cell::kCellState) {
-    aux.select(1, first).copy_(c0);
+    aux.select(1, first).copy_(f.c0);
   } else if constexpr (Cell::kAux) {
     aux.select(1, first).zero_();  // read by no step, but returned: keep it clean
   }
 
-  const ForwardSequence seq{gates,  gate_layout(s, KH), weight_hh, bias,    bias_hh, h_states,
-                            aux,    output,             lengths,   a.reverse, G, T,       B, H};
-  TORCH_CHECK(kernels.forward_step || kernels.forward_sequence, op, ": no kernel");
-  if (weight_hr.defined()) {
+  const ForwardSequence seq{gates,  gate_layout(s, KH), f.weight_hh, f.bias,    f.bias_hh, h_states,
+                            aux,    output,             f.lengths,   a.reverse, G,         T,
+                            B,      H};
+  if (f.weight_hr.defined()) {
     ++g_forward_per_step;
-    projected_forward(seq, weight_hr, kernels);
-  } else if (B > 0 && kernels.forward_sequence && kernels.forward_sequence(seq)) {
-    ++g_forward_sequence;
+    projected_forward(seq, f.weight_hr, kernels);
   } else {
-    TORCH_CHECK(kernels.forward_step, op, ": this call needs the per-step kernels");
-    ++g_forward_per_step;
-    at::Tensor hproj = at::empty({G, B, KH}, opts);      // (G, B, KH)
-    const at::Tensor w_hh_t = weight_hh.transpose(1, 2);  // (G, H, KH)
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = forward_time(step, T, a.reverse);
-      at::bmm_out(hproj, h_states.select(1, prev_slot(t, a.reverse)), w_hh_t);
-      kernels.forward_step(seq, hproj, t);
-    }
+    run_recurrence(seq, kernels, op);
   }
   const int64_t last = last_slot(T, a.reverse);
   at::Tensor h_n = h_states.select(1, last).clone();
@@ -306,8 +360,72 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
   return {output, h_n, c_n, gates, h_states, aux};
 }
 
+// Steps per chunk of an inference forward: the input projection of a chunk fills a buffer of
+// about 8 MB (set_inference_chunk_bytes: a test hook), reused chunk after chunk (so that after the first call the
+// allocator hands back the same pages: no page faults, and the buffer stays in cache), and an
+// even count, so that the two state slots alternate across chunks as within one.
+static std::atomic<int64_t> g_inference_chunk_bytes{int64_t(8) << 20};
+
+void set_inference_chunk_bytes(int64_t bytes) { g_inference_chunk_bytes.store(std::max<int64_t>(bytes, 1)); }
+
+static int64_t inference_chunk(int64_t T, int64_t row_bytes) {
+  int64_t n = std::max<int64_t>(2, g_inference_chunk_bytes.load() / std::max<int64_t>(row_bytes, 1));
+  n -= n % 2;
+  return std::min(n, T);
+}
+
 template <class Cell>
-BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernels& kernels) {
+InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKernels& kernels) {
+  constexpr int64_t K = Cell::kGates;
+  const std::string op_s = op_name<Cell>(false);
+  const char* op = op_s.c_str();
+  const ForwardInputs f = check_forward<Cell>(op, a);
+  const Shape& s = f.s;
+  const int64_t G = s.G, T = s.T, B = s.B, H = s.H, R = s.R, KH = K * H;
+  const at::ScalarType dtype = a.input.scalar_type();
+  const auto opts = a.input.options();
+  if (f.weight_hr.defined()) {  // the projected LSTM keeps its per-step path: the plain forward
+    auto r = recurrence_forward<Cell>(a, kernels);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+  }
+  const int64_t chunk = inference_chunk(T, B * G * KH * a.input.element_size());
+  const at::Tensor gates_buf = s.shared ? at::empty({chunk, B, G, KH}, opts)
+                                        : at::empty({G, chunk, B, KH}, opts);
+  at::Tensor h_states = at::empty({G, 2, B, R}, opts);  // the states alternate between two slots
+  at::Tensor aux = Cell::kAux ? at::empty({G, 2, B, H}, opts.dtype(acc_dtype(dtype))) : at::Tensor();
+  at::Tensor output = at::empty({G, T, B, R}, opts);
+  poison_if_enabled(output);
+  // Chunks in the direction's order; each runs as a sequence of its own (local steps 0..n-1 are
+  // times t0..t0+n-1, its first state slot where the previous chunk left the state).
+  int64_t left_slot = -1;  // where the previous chunk left the state
+  for (int64_t c = 0; c < T; c += chunk) {
+    const int64_t n = std::min(chunk, T - c);
+    const int64_t t0 = a.reverse ? T - c - n : c;
+    const int64_t first = first_slot(n, a.reverse) % 2;
+    if (left_slot < 0) {
+      h_states.select(1, first).copy_(a.h0);
+      if constexpr (Cell::kCellState) aux.select(1, first).copy_(f.c0);
+    } else if (left_slot != first) {  // an odd-length last chunk in the reverse direction
+      h_states.select(1, first).copy_(h_states.select(1, left_slot));
+      if constexpr (Cell::kCellState) aux.select(1, first).copy_(aux.select(1, left_slot));
+    }
+    const at::Tensor gates = input_projection(f, t0, n, gates_buf);
+    ForwardSequence seq{gates,    gate_layout_of(gates, s.shared), f.weight_hh, f.bias,
+                        f.bias_hh, h_states, aux, output.narrow(1, t0, n), f.lengths, a.reverse,
+                        G,        n,        B,   H};
+    seq.t0 = t0;
+    run_recurrence(seq, kernels, op);
+    left_slot = last_slot(n, a.reverse) % 2;
+  }
+  at::Tensor h_n = h_states.select(1, left_slot).clone();
+  at::Tensor c_n = Cell::kCellState ? aux.select(1, left_slot).to(dtype, false, /*copy=*/true)
+                                    : at::empty({0}, opts);
+  return {output, h_n, c_n};
+}
+
+template <class Cell>
+BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernels& kernels,
+                                   bool in_place) {
   constexpr int64_t K = Cell::kGates;
   const std::string op_s = op_name<Cell>(true);
   const char* op = op_s.c_str();
@@ -346,9 +464,10 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   const at::Tensor grad_output = a.grad_output.contiguous();
   const GateLayout layout = gate_layout(s, KH);
 
-  at::Tensor dgates = at::empty(gates.sizes(), opts);
+  TORCH_CHECK(!in_place || a.gates.is_contiguous(), op, ": gates must be contiguous in place");
+  at::Tensor dgates = in_place ? gates : at::empty(gates.sizes(), opts);
   at::Tensor drec = Cell::kSplitRecGrad ? at::empty(gates.sizes(), opts) : dgates;
-  poison_if_enabled(dgates);
+  if (!in_place) poison_if_enabled(dgates);
   if (Cell::kSplitRecGrad) poison_if_enabled(drec);
   at::Tensor grad_h0 = at::empty({G, B, R}, opts);
   at::Tensor grad_c0 = Cell::kCellState ? at::empty({G, B, H}, opts.dtype(acc)) : at::Tensor();
@@ -421,9 +540,12 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   return {grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_bias_hh, grad_w_hr, grad_h0, grad_c0};
 }
 
-#define MTL_INSTANTIATE_DRIVER(Cell)                                                        \
-  template ForwardResult recurrence_forward<Cell>(const ForwardArgs&, const RecurrenceKernels&); \
-  template BackwardResult recurrence_backward<Cell>(const BackwardArgs&, const RecurrenceKernels&);
+#define MTL_INSTANTIATE_DRIVER(Cell)                                                          \
+  template ForwardResult recurrence_forward<Cell>(const ForwardArgs&, const RecurrenceKernels&);   \
+  template InferenceResult recurrence_inference<Cell>(const ForwardArgs&,                         \
+                                                      const RecurrenceKernels&);                  \
+  template BackwardResult recurrence_backward<Cell>(const BackwardArgs&, const RecurrenceKernels&, \
+                                                    bool);
 MTL_INSTANTIATE_DRIVER(LstmCell)
 MTL_INSTANTIATE_DRIVER(GruCell)
 MTL_INSTANTIATE_DRIVER(RnnTanhCell)

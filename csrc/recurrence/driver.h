@@ -33,12 +33,13 @@ struct ForwardSequence {
   at::Tensor weight_hh;  // (G, KH, H) contiguous
   at::Tensor bias;       // (G, KH) or undefined
   at::Tensor bias_hh;    // (G, KH) or undefined (cells with kRecBias)
-  at::Tensor h_states;   // (G, T+1, B, H), the first slot filled
-  at::Tensor aux;        // (G, T+1, B, H) acc dtype (cells with kAux), the first slot filled
+  at::Tensor h_states;   // (G, T+1, B, H) [(G, 2, B, H) inference], the first slot filled
+  at::Tensor aux;        // the same in acc dtype (cells with kAux), the first slot filled
   at::Tensor output;     // (G, T, B, H)
   at::Tensor lengths;    // (B,) int64 or undefined
   bool reverse;
   int64_t G, T, B, H;
+  int64_t t0 = 0;  // the time of step 0 (an inference forward runs the sequence in chunks)
 };
 
 struct BackwardSequence {
@@ -112,8 +113,19 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 
 template <class Cell>
 ForwardResult recurrence_forward(const ForwardArgs& args, const RecurrenceKernels& kernels);
+// The forward without what backward needs: no gates or state sequences are kept (the states
+// alternate between two slots, the input projection runs in chunks of steps into one reused
+// buffer). Returns output, h_n, c_n [(0,) without a cell state].
+using InferenceResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 template <class Cell>
-BackwardResult recurrence_backward(const BackwardArgs& args, const RecurrenceKernels& kernels);
+InferenceResult recurrence_inference(const ForwardArgs& args, const RecurrenceKernels& kernels);
+// The size of an inference forward's chunk buffer (default 8 MB; tests make it small).
+void set_inference_chunk_bytes(int64_t bytes);
+// in_place: the pre-activation gradients overwrite the saved values in `gates` (the autograd's
+// backward: it has no further use for them, and keeps no second buffer of that size).
+template <class Cell>
+BackwardResult recurrence_backward(const BackwardArgs& args, const RecurrenceKernels& kernels,
+                                   bool in_place = false);
 
 // The path switch: a setter on the extension (mtl_kernels._C.set_recurrence_path), atomic, with
 // the default taken once from MTL_KERNELS_LSTM_PATH.

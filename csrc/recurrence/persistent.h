@@ -234,7 +234,7 @@ MTL_HD void persistent_fill_weights_backward(scalar_t* wt_s, const scalar_t* wei
 template <typename scalar_t, typename acc_t>
 MTL_HD void persistent_fill_h(scalar_t* h_s, const SequenceForward<scalar_t, acc_t>& q,
                               const PersistentBlock& k, int64_t t, int64_t tid, int64_t nthreads) {
-  const scalar_t* src = q.h_states + k.g * q.h_sg + prev_slot(t, q.reverse) * q.h_sslot +
+  const scalar_t* src = q.h_states + k.g * q.h_sg + state_slot(q, prev_slot(t, q.reverse)) * q.h_sslot +
                         k.row0 * q.H;
   for (int64_t idx = tid; idx < k.rows * q.H; idx += nthreads) h_s[idx] = load_shared_state(src + idx);
 }
@@ -294,7 +294,7 @@ template <class Cell, int kRows, typename scalar_t, typename acc_t>
 MTL_HD void persistent_forward_init(const SequenceForward<scalar_t, acc_t>& q,
                                     const PersistentBlock& k, int64_t threads_y, int64_t tx,
                                     int64_t ty, acc_t (&c)[kRows]) {
-  const int64_t first = first_slot(q.T, q.reverse);
+  const int64_t first = aux_slot(q, first_slot(q.T, q.reverse));
   MTL_UNROLL
   for (int r = 0; r < kRows; ++r) {
     const int64_t row = ty + r * threads_y;

@@ -38,6 +38,9 @@ SequenceForward<scalar_t, acc_t> raw_forward(const ForwardSequence& s) {
   q.G = s.G;
   q.B = s.B;
   q.H = s.H;
+  q.nslot = s.h_states.size(1);
+  q.aux_nslot = s.aux.defined() ? s.aux.size(1) : 1;
+  q.t0 = s.t0;
   q.reverse = s.reverse;
   return q;
 }

@@ -14,6 +14,7 @@ namespace mtl_kernels {
 using OptTensor = std::optional<at::Tensor>;
 using ForwardImpl = ForwardResult (*)(const std::string& cell, const ForwardArgs&);
 using BackwardImpl = BackwardResult (*)(const std::string& cell, const BackwardArgs&);
+using InferenceImpl = InferenceResult (*)(const std::string& cell, const ForwardArgs&);
 
 // grouped_recurrence_forward(str cell, Tensor input, Tensor weight_ih, Tensor weight_hh,
 //     Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, Tensor? lengths,
@@ -23,6 +24,18 @@ ForwardResult forward_op(c10::string_view cell, const at::Tensor& input, const a
                          const at::Tensor& weight_hh, const OptTensor& bias, const OptTensor& bias_hh,
                          const OptTensor& weight_hr, const at::Tensor& h0, const OptTensor& c0,
                          const OptTensor& lengths, bool reverse) {
+  return F(std::string(cell), ForwardArgs{input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0,
+                                          c0, lengths, reverse});
+}
+
+// grouped_recurrence (its backend kernels: the inference forward): grouped_recurrence_forward's
+// arguments; output, h_n, c_n.
+template <InferenceImpl F>
+InferenceResult inference_op(c10::string_view cell, const at::Tensor& input,
+                             const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                             const OptTensor& bias, const OptTensor& bias_hh,
+                             const OptTensor& weight_hr, const at::Tensor& h0, const OptTensor& c0,
+                             const OptTensor& lengths, bool reverse) {
   return F(std::string(cell), ForwardArgs{input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0,
                                           c0, lengths, reverse});
 }
@@ -42,11 +55,30 @@ BackwardResult backward_op(c10::string_view cell, const at::Tensor& grad_output,
                                            reverse});
 }
 
+// _grouped_recurrence_backward_in_place: the same arguments, gates mutated (Tensor(a!)).
+template <BackwardImpl F>
+BackwardResult backward_in_place_op(c10::string_view cell, const at::Tensor& grad_output,
+                                    const at::Tensor& grad_h_n, const OptTensor& grad_c_n,
+                                    const at::Tensor& input, const at::Tensor& weight_ih,
+                                    const at::Tensor& weight_hh, const OptTensor& weight_hr,
+                                    at::Tensor& gates, const at::Tensor& h_states,
+                                    const at::Tensor& aux, const OptTensor& lengths, bool reverse) {
+  return F(std::string(cell), BackwardArgs{grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                           weight_hh, weight_hr, gates, h_states, aux, lengths,
+                                           reverse});
+}
+
 // The backends (recurrence/cpu.cpp, recurrence/cuda_per_step.cu).
 ForwardResult grouped_recurrence_forward_cpu(const std::string& cell, const ForwardArgs& args);
+InferenceResult grouped_recurrence_inference_cpu(const std::string& cell, const ForwardArgs& args);
 BackwardResult grouped_recurrence_backward_cpu(const std::string& cell, const BackwardArgs& args);
+BackwardResult grouped_recurrence_backward_in_place_cpu(const std::string& cell,
+                                                        const BackwardArgs& args);
 ForwardResult grouped_recurrence_forward_cuda(const std::string& cell, const ForwardArgs& args);
+InferenceResult grouped_recurrence_inference_cuda(const std::string& cell, const ForwardArgs& args);
 BackwardResult grouped_recurrence_backward_cuda(const std::string& cell, const BackwardArgs& args);
+BackwardResult grouped_recurrence_backward_in_place_cuda(const std::string& cell,
+                                                         const BackwardArgs& args);
 // The persistent kernel's work run on the CPU with a given tiling (persistent_emulate.cpp).
 ForwardResult grouped_recurrence_forward_emulated(const std::string& cell, const ForwardArgs& args,
                                                   int64_t units, int64_t tile_rows,

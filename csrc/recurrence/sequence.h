@@ -9,12 +9,15 @@
 //            groups, (G, T, B, KH) for one input per group
 //   dgates   backward: the input-side pre-activation gradients, gates' layout
 //   drec     backward: the recurrent-side ones (== dgates unless Cell::kSplitRecGrad)
-//   h_states (G, T+1, B, H): slot t and t+1 are the states around step t (forward direction;
-//            prev_slot / next_slot below give the reverse direction's)
-//   aux      (G, T+1, B, H) acc_t, cells with kAux: the value the cell saves at a step's next slot
-//            (the LSTM's c, with c0 in the first slot)
+//   h_states (G, nslot, B, H): slot t and t+1 are the states around step t (forward direction;
+//            prev_slot / next_slot below give the reverse direction's), modulo nslot: nslot is T+1
+//            when every step's state is kept for backward, 2 for an inference forward (the states
+//            alternate between two slots)
+//   aux      (G, nslot, B, H) acc_t, cells with kAux: the value the cell saves at a step's next
+//            slot (the LSTM's c, with c0 in the first slot)
 //   output   (G, T, B, H)
-//   lengths  (B,) or nullptr: steps t >= lengths[b] are padding (state held, output 0)
+//   lengths  (B,) or nullptr: steps t >= lengths[b] are padding (state held, output 0); an
+//            inference forward runs the sequence in chunks, its local step t being time t0 + t
 #pragma once
 
 #include <cstdint>
@@ -48,8 +51,21 @@ struct SequenceForward {
   int64_t out_sg, out_st;
   const int64_t* lengths;
   int64_t T, G, B, H;
+  int64_t nslot;      // slots of h_states: T + 1, or 2 (inference)
+  int64_t aux_nslot;  // slots of aux: the same, except on the projected LSTM's path
+  int64_t t0;         // the time of local step 0 (for lengths)
   bool reverse;
 };
+
+// The storage slot of state slot `slot` (in [0, T]) in h_states / in aux.
+template <typename Q>
+MTL_HD int64_t state_slot(const Q& q, int64_t slot) {
+  return slot % q.nslot;
+}
+template <typename Q>
+MTL_HD int64_t aux_slot(const Q& q, int64_t slot) {
+  return slot % q.aux_nslot;
+}
 
 template <typename scalar_t, typename acc_t>
 struct SequenceBackward {
@@ -95,16 +111,18 @@ template <typename scalar_t, typename acc_t>
 MTL_HD ForwardRow<scalar_t, acc_t> forward_row(const SequenceForward<scalar_t, acc_t>& q, int64_t K,
                                                int64_t t, int64_t g, int64_t b) {
   ForwardRow<scalar_t, acc_t> r;
-  const int64_t H = q.H, p = prev_slot(t, q.reverse), n = next_slot(t, q.reverse);
+  const int64_t H = q.H, p = state_slot(q, prev_slot(t, q.reverse)),
+                n = state_slot(q, next_slot(t, q.reverse));
   r.gates = q.gates + g * q.gates_sg + t * q.gates_st + b * q.gates_sb;
   r.bias = q.bias ? q.bias + g * K * H : nullptr;
   r.bias_hh = q.bias_hh ? q.bias_hh + g * K * H : nullptr;
   r.h_prev = q.h_states + g * q.h_sg + p * q.h_sslot + b * H;
   r.h_next = q.h_states + g * q.h_sg + n * q.h_sslot + b * H;
-  r.aux_prev = q.aux ? q.aux + g * q.aux_sg + p * q.aux_sslot + b * H : nullptr;
-  r.aux_next = q.aux ? q.aux + g * q.aux_sg + n * q.aux_sslot + b * H : nullptr;
+  const int64_t ap = aux_slot(q, prev_slot(t, q.reverse)), an = aux_slot(q, next_slot(t, q.reverse));
+  r.aux_prev = q.aux ? q.aux + g * q.aux_sg + ap * q.aux_sslot + b * H : nullptr;
+  r.aux_next = q.aux ? q.aux + g * q.aux_sg + an * q.aux_sslot + b * H : nullptr;
   r.out = q.output + g * q.out_sg + t * q.out_st + b * H;
-  r.valid = is_valid_step(q.lengths, t, b);
+  r.valid = is_valid_step(q.lengths, q.t0 + t, b);
   return r;
 }
 

@@ -67,25 +67,47 @@ MTL_HD acc_t forward_element(const ForwardRow<scalar_t, acc_t>& r, int64_t j, in
                                    r.h_next, r.out, j, H);
 }
 
-// A valid backward step of hidden unit j. dh: the whole gradient reaching h_t[j] (output and
-// recurrent); daux in/out: the cell-state gradient (c_t in, c_{t-1} out); dh_pass out: the part
-// of dh_{t-1}[j] that bypasses W_hh. Writes the input-side pre-activation gradients to dgates and,
-// for cells whose recurrent side differs, the recurrent-side ones to drec (otherwise drec is
-// dgates itself and is not touched here).
+// A valid backward step of hidden unit j from its saved values act[k]. dh: the whole gradient
+// reaching h_t[j] (output and recurrent); daux in/out: the cell-state gradient (c_t in, c_{t-1}
+// out); dh_pass out: the part of dh_{t-1}[j] that bypasses W_hh. Writes the input-side
+// pre-activation gradients to dgates and, for cells whose recurrent side differs, the
+// recurrent-side ones to drec (otherwise drec is dgates itself and is not touched here).
 template <class Cell, typename scalar_t, typename acc_t>
-MTL_HD void backward_unit(const scalar_t* __restrict__ gates, scalar_t* __restrict__ dgates,
-                          scalar_t* __restrict__ drec, acc_t h_prev, acc_t aux_prev, acc_t aux_next,
-                          acc_t dh, acc_t& daux, acc_t& dh_pass, int64_t j, int64_t H) {
+MTL_HD void backward_unit_values(const acc_t (&act)[Cell::kGates], scalar_t* __restrict__ dgates,
+                                 scalar_t* __restrict__ drec, acc_t h_prev, acc_t aux_prev,
+                                 acc_t aux_next, acc_t dh, acc_t& daux, acc_t& dh_pass, int64_t j,
+                                 int64_t H) {
   constexpr int K = Cell::kGates;
-  acc_t act[K], dx[K], dr[K];
-  MTL_UNROLL
-  for (int k = 0; k < K; ++k) act[k] = acc_t(gates[k * H + j]);
+  acc_t dx[K], dr[K];
   Cell::backward(act, h_prev, aux_prev, aux_next, dh, daux, dx, dr, dh_pass);
   MTL_UNROLL
   for (int k = 0; k < K; ++k) {
     dgates[k * H + j] = scalar_t(dx[k]);
     if constexpr (Cell::kSplitRecGrad) drec[k * H + j] = scalar_t(dr[k]);
   }
+}
+
+// The saved values read from `gates`, the gradients written to a separate `dgates`.
+template <class Cell, typename scalar_t, typename acc_t>
+MTL_HD void backward_unit(const scalar_t* __restrict__ gates, scalar_t* __restrict__ dgates,
+                          scalar_t* __restrict__ drec, acc_t h_prev, acc_t aux_prev, acc_t aux_next,
+                          acc_t dh, acc_t& daux, acc_t& dh_pass, int64_t j, int64_t H) {
+  acc_t act[Cell::kGates];
+  MTL_UNROLL
+  for (int k = 0; k < Cell::kGates; ++k) act[k] = acc_t(gates[k * H + j]);
+  backward_unit_values<Cell>(act, dgates, drec, h_prev, aux_prev, aux_next, dh, daux, dh_pass, j, H);
+}
+
+// In place: `io` holds the saved values and receives the gradients (the autograd's backward,
+// which has no further use for the saved values, keeps no second buffer of their size).
+template <class Cell, typename scalar_t, typename acc_t>
+MTL_HD void backward_unit_in_place(scalar_t* __restrict__ io, scalar_t* __restrict__ drec,
+                                   acc_t h_prev, acc_t aux_prev, acc_t aux_next, acc_t dh,
+                                   acc_t& daux, acc_t& dh_pass, int64_t j, int64_t H) {
+  acc_t act[Cell::kGates];
+  MTL_UNROLL
+  for (int k = 0; k < Cell::kGates; ++k) act[k] = acc_t(io[k * H + j]);
+  backward_unit_values<Cell>(act, io, drec, h_prev, aux_prev, aux_next, dh, daux, dh_pass, j, H);
 }
 
 // A padding step: the gradient passes straight through the held state (the output there was a
@@ -111,8 +133,14 @@ MTL_HD void backward_element(const BackwardRow<scalar_t, acc_t>& r, int64_t j, i
   }
   const acc_t aux_prev = Cell::kAux ? r.aux_prev[j] : acc_t(0);
   const acc_t aux_next = Cell::kAux ? r.aux_next[j] : acc_t(0);
-  backward_unit<Cell>(r.gates, r.dgates, r.drec, acc_t(r.h_prev[j]), aux_prev, aux_next,
-                      acc_t(r.grad_out[j]) + dh_in, daux, dh_pass, j, H);
+  const acc_t dh = acc_t(r.grad_out[j]) + dh_in;
+  if (r.gates == r.dgates) {
+    backward_unit_in_place<Cell>(r.dgates, r.drec, acc_t(r.h_prev[j]), aux_prev, aux_next, dh, daux,
+                                 dh_pass, j, H);
+  } else {
+    backward_unit<Cell>(r.gates, r.dgates, r.drec, acc_t(r.h_prev[j]), aux_prev, aux_next, dh, daux,
+                        dh_pass, j, H);
+  }
 }
 
 }  // namespace mtl_kernels
