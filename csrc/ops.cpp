@@ -336,6 +336,23 @@ PyObject* py_persistent_plan(PyObject*, PyObject* args) {
       "blocks_per_sm", (long long)p.blocks_per_sm);
 }
 
+// _C.tuned_paths() -> [(key, sequence_seconds, per_step_seconds, chose_sequence)]: the CPU's
+// `auto` choices so far; _C._reset_tuned_paths() forgets them (tests).
+PyObject* py_tuned_paths(PyObject*, PyObject*) {
+  const std::vector<TunedPath> paths = tuned_paths();
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(paths.size()));
+  for (size_t i = 0; i < paths.size(); ++i)
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i),
+                    Py_BuildValue("(sddO)", paths[i].key.c_str(), paths[i].sequence_s,
+                                  paths[i].per_step_s, paths[i].sequence ? Py_True : Py_False));
+  return list;
+}
+
+PyObject* py_reset_tuned_paths(PyObject*, PyObject*) {
+  reset_tuned_paths();
+  Py_RETURN_NONE;
+}
+
 // _C._set_inference_chunk_bytes(n): the inference forward's input-projection chunk (a test hook).
 PyObject* py_set_inference_chunk_bytes(PyObject*, PyObject* args) {
   long long n;
@@ -350,6 +367,8 @@ PyMethodDef module_methods[] = {
      "set the recurrence path (auto, sequence, per_step); returns the previous one"},
     {"get_recurrence_path", py_get_recurrence_path, METH_NOARGS, "the recurrence path"},
     {"persistent_plan", py_persistent_plan, METH_VARARGS, "the persistent kernel's plan"},
+    {"tuned_paths", py_tuned_paths, METH_NOARGS, "the CPU auto path's choices per shape"},
+    {"_reset_tuned_paths", py_reset_tuned_paths, METH_NOARGS, "forget the CPU auto choices"},
     {"_set_inference_chunk_bytes", py_set_inference_chunk_bytes, METH_VARARGS,
      "the inference forward's chunk size in bytes (a test hook)"},
     {nullptr, nullptr, 0, nullptr}};

@@ -10,8 +10,11 @@ PATHS = ("auto", "sequence", "per_step")
 def recurrence_path(path: str):
     """Choose how the grouped recurrences run, within a ``with`` block.
 
-    ``"auto"`` (the default): the whole sequence in one kernel call where the backend judges it
-    faster, else per step. ``"sequence"``: the whole sequence in one kernel call wherever it can
+    ``"auto"`` (the default): the faster path. On the CPU it is measured: for each recurrence
+    shape (cell, forward / backward / inference, G, B, H, dtype) the first four calls alternate
+    between the two paths and are timed, then the faster one runs (``tuned_paths()`` lists the
+    choices; both paths give the same results up to floating-point rounding). On a GPU the
+    sequence path wherever its plan fits. ``"sequence"``: the whole sequence in one kernel call wherever it can
     run: on a GPU the persistent kernel (all time steps in one launch) where its plan fits the
     device, on the CPU rows in parallel. ``"per_step"``: one batched GEMM and one cell kernel per
     step.
@@ -27,6 +30,13 @@ def recurrence_path(path: str):
         yield
     finally:
         _C.set_recurrence_path(old)
+
+
+def tuned_paths() -> list:
+    """The CPU ``auto`` path's choices so far: ``[{"key", "sequence_s", "per_step_s",
+    "sequence"}]``, one per recurrence shape timed on both paths (key: "cell phase G B H dtype")."""
+    return [{"key": k, "sequence_s": s, "per_step_s": p, "sequence": c}
+            for k, s, p, c in _C.tuned_paths()]
 
 
 def path_counts() -> dict:

@@ -241,12 +241,6 @@ def test_recurrence_path_switch_and_cpu_counts():
             pass
     small, large = GroupedLSTM(2, 3, 4), GroupedLSTM(2, 3, 129)
     x = torch.randn(5, 2, 3)
-    with mtl_kernels.recurrence_path("auto"):  # the CPU runs rows in parallel up to H = 128
-        ran = _ran(lambda: small(x)[0].sum().backward())
-        assert ran == {"forward_sequence": 1, "forward_per_step": 0, "backward_sequence": 1,
-                       "backward_per_step": 0}
-        ran = _ran(lambda: large(x)[0].sum().backward())
-        assert ran["forward_per_step"] == 1 and ran["backward_per_step"] == 1
     with mtl_kernels.recurrence_path("per_step"):
         assert _C.get_recurrence_path() == "per_step"
         ran = _ran(lambda: small(x)[0].sum().backward())
@@ -254,6 +248,30 @@ def test_recurrence_path_switch_and_cpu_counts():
     with mtl_kernels.recurrence_path("sequence"):  # at any size
         ran = _ran(lambda: large(x)[0].sum().backward())
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
+
+
+def test_cpu_auto_path_is_measured_per_shape():
+    """On the CPU, `auto` times both paths once per shape (on scratch inputs of that shape) and
+    runs the faster one on every call: the same inputs give the same results, bit for bit."""
+    _C._reset_tuned_paths()
+    m = GroupedLSTM(2, 3, 7)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with mtl_kernels.recurrence_path("auto"):
+        runs = [_ran(lambda: m(x)[0].sum().backward()) for _ in range(3)]
+        keys = {c["key"]: c for c in mtl_kernels.tuned_paths()}
+        assert set(keys) == {"lstm forward 2 2 7 Float", "lstm backward 2 2 7 Float"}
+        for phase in ("forward", "backward"):
+            choice = keys[f"lstm {phase} 2 2 7 Float"]
+            assert choice["sequence_s"] > 0 and choice["per_step_s"] > 0
+            assert choice["sequence"] == (choice["sequence_s"] <= choice["per_step_s"])
+            path = f"{phase}_sequence" if choice["sequence"] else f"{phase}_per_step"
+            assert all(r[path] == 1 for r in runs)  # one path, every call; calibration uncounted
+        with torch.no_grad():
+            outs = [m(x)[0] for _ in range(3)]
+        assert all(torch.equal(o, outs[0]) for o in outs[1:])
+        assert "lstm inference 2 2 7 Float" in {c["key"] for c in mtl_kernels.tuned_paths()}
+        m(torch.randn(5, 3, 3))  # another batch size: another shape, timed anew
+        assert any(c["key"].startswith("lstm forward 2 3 7") for c in mtl_kernels.tuned_paths())
 
 
 def test_path_switch_is_one_setting_for_every_thread():

@@ -1,9 +1,9 @@
 // Autograd for branch_attention_forward, in C++ (one kernel for every backend: the Autograd key).
 //
-// Why not torch.library.register_autograd in Python: at the seed models' size, (G, M, H) =
-// (3, 640, 20), the kernels take ~15 us each way while the Python autograd path (setup_context,
-// the backward closure, the custom-op machinery) cost ~100 us per forward+backward, which is
-// more than the whole unfused stack + Linear + softmax + sum it replaces. A C++ Function is what
+// Why not torch.library.register_autograd in Python: at the seed models' size the Python autograd
+// path (setup_context, the backward closure, the custom-op machinery) cost more per call than the
+// kernels and than the whole unfused stack + Linear + softmax + sum it replaces
+// (benchmarks/NOTES.md). A C++ Function is what
 // the built-in ops use; torch.compile and opcheck see it like any autograd kernel (as in
 // torchvision's ops), and the fake implementations stay in Python (_ops.py). Under
 // backward(create_graph=True) the backward is a differentiable composite, so double backward works.

@@ -1,10 +1,10 @@
 // Autograd of grouped_recurrence_forward and grouped_recurrence, in C++ (the Autograd key: every
 // backend), for every cell.
 //
-// Why C++: the Python torch.library.register_autograd path cost ~250 us per layer and direction
-// forward+backward on the CPU at the seed models' sizes, and on a GPU, where the persistent kernel
-// runs a small sequence in tens of microseconds, such a fixed cost decides the speed-up. The fake
-// implementations stay in Python (_ops.py). Under backward(create_graph=True) the backward is a
+// Why C++: the Python torch.library.register_autograd path's fixed cost per call was a fifth of a
+// forward+backward at the seed models' sizes on the CPU (benchmarks/NOTES.md), and on a GPU, where
+// the persistent kernel runs a small sequence in microseconds, such a cost decides the speed-up.
+// The fake implementations stay in Python (_ops.py). Under backward(create_graph=True) the backward is a
 // differentiable composite (the forward recomputed in ATen ops through the cell's own templated
 // formula), so double backward works. torch.func transforms refuse C++ autograd Functions: the
 // Python API goes through the autograd.Function of mtl_kernels/_functorch.py then.

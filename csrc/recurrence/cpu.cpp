@@ -163,10 +163,9 @@ void backward_step_cpu(const BackwardSequence& s, const at::Tensor& dh_in, const
 // a range of rows for all T steps: one fork/join per call instead of two per step, and the
 // recurrent product is this thread's own loop over a W_hh that stays in its cache, instead of an
 // MKL batched GEMM call per step (whose fixed cost dominated at the seed models' sizes). The cell
-// math is the per-step path's row loops on the same buffers. `auto` uses it while a group's W_hh
-// fits in L2 (kRowParallelMaxH, benchmarks/NOTES.md); `sequence` uses it at any size.
+// math is the per-step path's row loops on the same buffers. It wins while a group's W_hh stays in
+// cache; `auto` measures which path wins per shape (driver.cpp), `sequence` always takes it.
 // ---------------------------------------------------------------------------------------------
-constexpr int64_t kRowParallelMaxH = 128;  // 4H x H fp32 = 256 KB
 
 // acc[i] += x0 w0[i] + x1 w1[i] + x2 w2[i] + x3 w3[i]: four W rows per pass over acc.
 template <typename scalar_t, typename acc_t>
@@ -197,6 +196,12 @@ void weighted_row_sums(acc_t* acc, const scalar_t* w, int64_t ldw, const scalar_
   }
 }
 
+// Rows per thread of the whole-sequence path: enough work (about 2^18 multiply-adds of W_hh
+// products over the sequence) that a small call stays on one thread instead of paying a fork/join.
+int64_t sequence_row_grain(int64_t T, int64_t KH, int64_t H) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, T * KH * H));
+}
+
 // Calls f(r, nr, g) for blocks [r, r + nr) of at most kRowBlock rows of one group, covering
 // [begin, end) of the flattened (G, B) rows.
 template <typename F>
@@ -209,17 +214,8 @@ void for_row_blocks(int64_t begin, int64_t end, int64_t B, const F& f) {
   }
 }
 
-bool use_rows_in_parallel(int64_t H) {
-  switch (recurrence_path()) {
-    case RecurrencePath::kPerStep: return false;
-    case RecurrencePath::kSequence: return true;
-    default: return H <= kRowParallelMaxH;
-  }
-}
-
 template <class Cell>
 bool forward_sequence_cpu(const ForwardSequence& s) {
-  if (!use_rows_in_parallel(s.H)) return false;
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_forward_sequence_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
@@ -228,7 +224,7 @@ bool forward_sequence_cpu(const ForwardSequence& s) {
     const auto q = raw_forward<scalar_t>(s);
     const scalar_t* w = w_t.data_ptr<scalar_t>();
     scalar_t* hp = hproj.data_ptr<scalar_t>();
-    at::parallel_for(0, G * B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(kRowBlock * KH);
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = forward_time(step, T, s.reverse);
@@ -251,7 +247,6 @@ bool forward_sequence_cpu(const ForwardSequence& s) {
 
 template <class Cell>
 bool backward_sequence_cpu(const BackwardSequence& s) {
-  if (!use_rows_in_parallel(s.H)) return false;
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_backward_sequence_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
@@ -259,7 +254,7 @@ bool backward_sequence_cpu(const BackwardSequence& s) {
     at::Tensor dc = Cell::kCellState ? s.grad_c_n.clone() : at::Tensor();  // (G, B, H) acc_t
     const auto q = raw_backward<scalar_t>(s);
     const scalar_t* w = s.weight_hh.data_ptr<scalar_t>();  // (G, KH, H): H contiguous
-    at::parallel_for(0, G * B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(kRowBlock * H);
       // each thread swaps its own rows' roles of the two dh buffers
       scalar_t* dh_in = dh_a.data_ptr<scalar_t>();
@@ -288,9 +283,11 @@ bool backward_sequence_cpu(const BackwardSequence& s) {
   return true;
 }
 
+// `auto` times both paths per shape (which wins depends on this machine's GEMM and caches).
 template <class Cell>
 constexpr RecurrenceKernels kCpuKernels{&forward_step_cpu<Cell>, &backward_step_cpu<Cell>,
-                                        &forward_sequence_cpu<Cell>, &backward_sequence_cpu<Cell>};
+                                        &forward_sequence_cpu<Cell>, &backward_sequence_cpu<Cell>,
+                                        /*tuned=*/true};
 
 }  // namespace
 

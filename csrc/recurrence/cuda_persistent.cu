@@ -171,7 +171,6 @@ bool launch_persistent(const Params& q, const PersistentPlan& plan, int64_t elem
 // Plans and launches one direction of the recurrence; false when the per-step path must run.
 template <class Cell, bool kBackward, typename Sequence>
 bool run_persistent(const Sequence& s) {
-  if (recurrence_path() == RecurrencePath::kPerStep) return false;
   const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
   if (!props->cooperativeLaunch) return false;
   const int64_t elem_bytes = s.gates.element_size();

@@ -3,7 +3,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <sstream>
 #include <cstring>
 #include <string>
 #include <utility>
@@ -53,6 +59,140 @@ PathCounts path_counts() {
   return {g_forward_sequence.load(), g_forward_per_step.load(), g_backward_sequence.load(),
           g_backward_per_step.load()};
 }
+
+namespace {
+
+// The CPU's `auto`: the first time a recurrence shape (cell, phase, G, B, H, dtype) runs, both
+// paths are timed on scratch inputs of that shape (a few steps, twice each, the best time kept),
+// and from then on every call of that shape runs the faster one. Real calls therefore always run
+// one path per shape: the same inputs give the same results, bit for bit.
+class PathTuner {
+ public:
+  // Whether the shape `key` runs the sequence path; calibrate() -> {sequence s, per-step s} on
+  // the first call.
+  template <typename Calibrate>
+  bool sequence(const std::string& key, const Calibrate& calibrate) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto it = entries_.find(key);
+      if (it != entries_.end()) return it->second.sequence;
+    }
+    const std::pair<double, double> t = calibrate();  // outside the lock: it runs the op
+    std::lock_guard<std::mutex> lock(mutex_);
+    const TunedPath entry{key, t.first, t.second, t.first <= t.second};
+    return entries_.emplace(key, entry).first->second.sequence;
+  }
+
+  std::vector<TunedPath> decided() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    std::vector<TunedPath> out;
+    for (const auto& [key, e] : entries_) out.push_back(e);
+    return out;
+  }
+
+  void reset() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    entries_.clear();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::map<std::string, TunedPath> entries_;
+};
+
+PathTuner& tuner() {
+  static auto* t = new PathTuner();  // never destroyed: calls may come during interpreter exit
+  return *t;
+}
+
+// A path the calibration forces on its own calls (this thread only): -1 none, else a
+// RecurrencePath.
+thread_local int t_forced_path = -1;
+
+struct ForcedPath {
+  int old;
+  explicit ForcedPath(RecurrencePath p) : old(t_forced_path) { t_forced_path = static_cast<int>(p); }
+  ~ForcedPath() { t_forced_path = old; }
+};
+
+// The seconds f() takes at best out of two runs (after a warm-up run), under path p.
+template <typename F>
+double best_time(RecurrencePath p, const F& f) {
+  const ForcedPath forced(p);
+  double best = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < 3; ++i) {
+    const double s = f();
+    if (i > 0) best = std::min(best, s);
+  }
+  return best;
+}
+
+template <typename F>
+double seconds(const F& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+}
+
+// Runs one recurrence on the path the switch, the tuner or the sizes choose: run_sequence() returns
+// false when the sequence path cannot run these sizes; run_per_step() always runs; calibrate():
+// see PathTuner (called for a tuned backend's `auto` only).
+template <typename SequenceFn, typename PerStepFn, typename Calibrate>
+void choose_and_run(const RecurrenceKernels& kernels, bool has_sequence, const std::string& key,
+                    const SequenceFn& run_sequence, const PerStepFn& run_per_step,
+                    const Calibrate& calibrate, std::atomic<int64_t>& sequence_count,
+                    std::atomic<int64_t>& per_step_count) {
+  const RecurrencePath path =
+      t_forced_path >= 0 ? static_cast<RecurrencePath>(t_forced_path) : recurrence_path();
+  bool try_sequence = has_sequence && path != RecurrencePath::kPerStep;
+  if (try_sequence && path == RecurrencePath::kAuto && kernels.tuned)
+    try_sequence = tuner().sequence(key, calibrate);
+  const bool counted = t_forced_path < 0;  // the calibration's own runs are not counted
+  if (try_sequence && run_sequence()) {
+    if (counted) ++sequence_count;
+    return;
+  }
+  run_per_step();
+  if (counted) ++per_step_count;
+}
+
+// Scratch inputs of a shape, for the calibration: a shared input of one feature, a few steps.
+struct ScratchInputs {
+  at::Tensor input, weight_ih, weight_hh, bias, bias_hh, h0, c0;
+  std::optional<at::Tensor> bias_opt, bias_hh_opt, c0_opt, none;
+  ForwardArgs args() const {
+    return ForwardArgs{input, weight_ih, weight_hh, bias_opt, bias_hh_opt, none, h0, c0_opt, none,
+                       false};
+  }
+};
+
+template <class Cell>
+ScratchInputs scratch_inputs(int64_t G, int64_t B, int64_t H, const at::TensorOptions& opts) {
+  constexpr int64_t K = Cell::kGates;
+  const int64_t T = 8;
+  ScratchInputs s;
+  s.input = at::randn({T, B, 1}, opts);
+  s.weight_ih = at::randn({G, K * H, 1}, opts);
+  s.weight_hh = at::randn({G, K * H, H}, opts).mul_(1.0 / std::sqrt(double(H)));
+  s.bias = at::randn({G, K * H}, opts);
+  s.bias_opt = s.bias;
+  if (Cell::kRecBias) s.bias_hh_opt = at::randn({G, K * H}, opts);
+  s.h0 = at::zeros({G, B, H}, opts);
+  if (Cell::kCellState) s.c0_opt = at::zeros({G, B, H}, opts);
+  return s;
+}
+
+template <class Cell>
+std::string tune_key(const char* phase, int64_t G, int64_t B, int64_t H, at::ScalarType dtype) {
+  std::ostringstream os;
+  os << Cell::kName << ' ' << phase << ' ' << G << ' ' << B << ' ' << H << ' ' << dtype;
+  return os.str();
+}
+
+}  // namespace
+
+std::vector<TunedPath> tuned_paths() { return tuner().decided(); }
+void reset_tuned_paths() { tuner().reset(); }
 
 namespace {
 
@@ -292,23 +432,25 @@ at::Tensor input_projection(const ForwardInputs& f, int64_t t0, int64_t n, at::T
   return o;
 }
 
-// Runs the recurrence of `seq` (its first state slot filled) on the sequence path where the
-// backend takes it, else per step.
-void run_recurrence(const ForwardSequence& seq, const RecurrenceKernels& kernels, const char* op) {
-  if (seq.B > 0 && kernels.forward_sequence && kernels.forward_sequence(seq)) {
-    ++g_forward_sequence;
-    return;
-  }
-  TORCH_CHECK(kernels.forward_step, op, ": this call needs the per-step kernels");
-  ++g_forward_per_step;
-  const int64_t nslot = seq.h_states.size(1);
-  at::Tensor hproj = at::empty({seq.G, seq.B, seq.gates.size(-1)}, seq.h_states.options());
-  const at::Tensor w_hh_t = seq.weight_hh.transpose(1, 2);  // (G, H, KH)
-  for (int64_t step = 0; step < seq.T; ++step) {
-    const int64_t t = forward_time(step, seq.T, seq.reverse);
-    at::bmm_out(hproj, seq.h_states.select(1, prev_slot(t, seq.reverse) % nslot), w_hh_t);
-    kernels.forward_step(seq, hproj, t);
-  }
+// Runs the recurrence of `seq` (its first state slot filled) on the path chosen by
+// choose_and_run. key, calibrate: its shape and calibration, for the CPU's tuner.
+template <typename Calibrate>
+void run_recurrence(const ForwardSequence& seq, const RecurrenceKernels& kernels, const char* op,
+                    const std::string& key, const Calibrate& calibrate) {
+  const auto per_step = [&] {
+    TORCH_CHECK(kernels.forward_step, op, ": this call needs the per-step kernels");
+    const int64_t nslot = seq.h_states.size(1);
+    at::Tensor hproj = at::empty({seq.G, seq.B, seq.gates.size(-1)}, seq.h_states.options());
+    const at::Tensor w_hh_t = seq.weight_hh.transpose(1, 2);  // (G, H, KH)
+    for (int64_t step = 0; step < seq.T; ++step) {
+      const int64_t t = forward_time(step, seq.T, seq.reverse);
+      at::bmm_out(hproj, seq.h_states.select(1, prev_slot(t, seq.reverse) % nslot), w_hh_t);
+      kernels.forward_step(seq, hproj, t);
+    }
+  };
+  choose_and_run(kernels, seq.B > 0 && kernels.forward_sequence != nullptr, key,
+                 [&] { return kernels.forward_sequence(seq); }, per_step, calibrate,
+                 g_forward_sequence, g_forward_per_step);
 }
 
 }  // namespace
@@ -350,7 +492,12 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
     ++g_forward_per_step;
     projected_forward(seq, f.weight_hr, kernels);
   } else {
-    run_recurrence(seq, kernels, op);
+    run_recurrence(seq, kernels, op, tune_key<Cell>("forward", G, B, H, dtype), [&] {
+      const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
+      const auto run = [&] { return seconds([&] { recurrence_forward<Cell>(x.args(), kernels); }); };
+      return std::make_pair(best_time(RecurrencePath::kSequence, run),
+                            best_time(RecurrencePath::kPerStep, run));
+    });
   }
   const int64_t last = last_slot(T, a.reverse);
   at::Tensor h_n = h_states.select(1, last).clone();
@@ -414,7 +561,12 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
                         f.bias_hh, h_states, aux, output.narrow(1, t0, n), f.lengths, a.reverse,
                         G,        n,        B,   H};
     seq.t0 = t0;
-    run_recurrence(seq, kernels, op);
+    run_recurrence(seq, kernels, op, tune_key<Cell>("inference", G, B, H, dtype), [&] {
+      const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
+      const auto run = [&] { return seconds([&] { recurrence_inference<Cell>(x.args(), kernels); }); };
+      return std::make_pair(best_time(RecurrencePath::kSequence, run),
+                            best_time(RecurrencePath::kPerStep, run));
+    });
     left_slot = last_slot(n, a.reverse) % 2;
   }
   at::Tensor h_n = h_states.select(1, left_slot).clone();
@@ -498,22 +650,43 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
     ++g_backward_per_step;
     grad_w_hr = projected_backward(seq, s.shared, weight_hr_arg.contiguous(), grad_h0, grad_c0,
                                    kernels);
-  } else if (B > 0 && kernels.backward_sequence && kernels.backward_sequence(seq)) {
-    ++g_backward_sequence;
   } else {
-    TORCH_CHECK(kernels.backward_step, op, ": this call needs the per-step kernels");
-    ++g_backward_per_step;
-    at::Tensor dh_in = seq.grad_h_n.clone();      // (G, B, H)
-    at::Tensor dh_next = at::empty({G, B, H}, opts);  // the cell kernel writes dh_pass here
-    at::Tensor dc = Cell::kCellState ? seq.grad_c_n.clone() : at::Tensor();  // (G, B, H)
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = backward_time(step, T, a.reverse);
-      kernels.backward_step(seq, dh_in, dh_next, dc, t);
-      dh_next.baddbmm_(gates_at(drec, s.shared, t), weight_hh);  // dh_{t-1} = dh_pass + drec_t W_hh
-      std::swap(dh_in, dh_next);
-    }
-    grad_h0 = dh_in;
-    grad_c0 = dc;
+    const auto per_step = [&] {
+      TORCH_CHECK(kernels.backward_step, op, ": this call needs the per-step kernels");
+      at::Tensor dh_in = seq.grad_h_n.clone();          // (G, B, H)
+      at::Tensor dh_next = at::empty({G, B, H}, opts);  // the cell kernel writes dh_pass here
+      at::Tensor dc = Cell::kCellState ? seq.grad_c_n.clone() : at::Tensor();  // (G, B, H)
+      for (int64_t step = 0; step < T; ++step) {
+        const int64_t t = backward_time(step, T, a.reverse);
+        kernels.backward_step(seq, dh_in, dh_next, dc, t);
+        dh_next.baddbmm_(gates_at(drec, s.shared, t), weight_hh);  // dh_{t-1} = dh_pass + drec_t W_hh
+        std::swap(dh_in, dh_next);
+      }
+      grad_h0 = dh_in;
+      grad_c0 = dc;
+    };
+    const auto calibrate = [&] {
+      const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
+      const auto [out, h_n, c_n, gates, h_states, aux] = [&] {
+        const ForcedPath forced(RecurrencePath::kPerStep);  // a forward to differentiate, untimed
+        return recurrence_forward<Cell>(x.args(), kernels);
+      }();
+      const at::Tensor g_out = at::randn_like(out), g_h = at::randn_like(h_n);
+      std::optional<at::Tensor> g_c;
+      if (Cell::kCellState) g_c = at::randn_like(h_n);
+      const std::optional<at::Tensor> none;
+      const auto run = [&] {
+        const BackwardArgs b{g_out, g_h, g_c, x.input, x.weight_ih, x.weight_hh, none, gates,
+                             h_states, aux, none, false};
+        return seconds([&] { recurrence_backward<Cell>(b, kernels); });
+      };
+      return std::make_pair(best_time(RecurrencePath::kSequence, run),
+                            best_time(RecurrencePath::kPerStep, run));
+    };
+    choose_and_run(kernels, B > 0 && kernels.backward_sequence != nullptr,
+                   tune_key<Cell>("backward", G, B, H, dtype),
+                   [&] { return kernels.backward_sequence(seq); }, per_step, calibrate,
+                   g_backward_sequence, g_backward_per_step);
   }
 
   // ---- weight, bias and input gradients: one (batched) GEMM or reduction each -----------------

@@ -14,7 +14,9 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 namespace mtl_kernels {
 
@@ -59,7 +61,10 @@ struct BackwardSequence {
 };
 
 // What a backend supplies for one cell. The sequence functions may be nullptr, and return false
-// when they do not apply (the per-step path then runs).
+// when they cannot run these sizes (the per-step path then runs). `tuned`: under the `auto` path
+// the driver times both paths on the first calls of each shape and then runs the faster (the
+// CPU, where which one wins depends on the machine's GEMM and cache sizes); otherwise `auto`
+// runs the sequence path wherever it can.
 struct RecurrenceKernels {
   // hproj (G, B, KH): h_{t-1} W_hh^T for step t.
   void (*forward_step)(const ForwardSequence&, const at::Tensor& hproj, int64_t t);
@@ -69,6 +74,7 @@ struct RecurrenceKernels {
                         const at::Tensor& dc, int64_t t);
   bool (*forward_sequence)(const ForwardSequence&) = nullptr;
   bool (*backward_sequence)(const BackwardSequence&) = nullptr;
+  bool tuned = false;
 };
 
 // One layer and direction's arguments, whichever the cell (the ops' schemas: csrc/ops.cpp).
@@ -129,7 +135,8 @@ BackwardResult recurrence_backward(const BackwardArgs& args, const RecurrenceKer
 
 // The path switch: a setter on the extension (mtl_kernels._C.set_recurrence_path), atomic, with
 // the default taken once from MTL_KERNELS_LSTM_PATH.
-//   kAuto     the sequence path where the backend judges it faster, else per step
+//   kAuto     the faster path: measured per shape where the backend asks for it (the CPU), else
+//             the sequence path wherever it can run (the GPU's persistent kernel)
 //   kSequence the sequence path wherever the backend can run it
 //   kPerStep  always per step
 enum class RecurrencePath { kAuto, kSequence, kPerStep };
@@ -137,6 +144,16 @@ RecurrencePath recurrence_path();
 void set_recurrence_path(RecurrencePath path);
 RecurrencePath parse_recurrence_path(const char* name);
 const char* recurrence_path_name(RecurrencePath path);
+
+// The CPU's `auto` choices so far: one entry per recurrence shape that has been timed on both
+// paths (tests and benchmarks read it through mtl_kernels._C.tuned_paths()).
+struct TunedPath {
+  std::string key;  // "cell phase G B H dtype"
+  double sequence_s, per_step_s;
+  bool sequence;  // the choice
+};
+std::vector<TunedPath> tuned_paths();
+void reset_tuned_paths();
 
 // How many recurrences ran on each path since the module was loaded.
 struct PathCounts {
