@@ -126,30 +126,8 @@ TORCH_LIBRARY(mtl_kernels, m) {
 namespace mtl_kernels {
 namespace {
 
-using Tensor = at::Tensor;
-using ForwardSig = ForwardResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
-                                 const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
-                                 const OptTensor&, const OptTensor&, bool);
-using BackwardSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
-                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                   bool);
 using AttentionForwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&,
                                                                const OptTensor&);
-
-const c10::TypedOperatorHandle<ForwardSig>& recurrence_forward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence_forward", "")
-                       .typed<ForwardSig>();
-  return op;
-}
-
-const c10::TypedOperatorHandle<BackwardSig>& recurrence_backward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence_backward", "")
-                       .typed<BackwardSig>();
-  return op;
-}
 
 // ---- the per-cell ops: CompositeImplicitAutograd over the generic op ---------------------------
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_forward(
@@ -242,20 +220,15 @@ InferenceResult recurrence_inference_autocast(c10::string_view cell, const Tenso
                                               const OptTensor& weight_hr, const Tensor& h0,
                                               const OptTensor& c0, const OptTensor& lengths,
                                               bool reverse) {
-  using Sig = InferenceResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
-                              const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
-                              const OptTensor&, const OptTensor&, bool);
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence", "")
-                       .typed<Sig>();
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
   const at::ScalarType dt = at::autocast::get_autocast_dtype(kDevice);
   const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
   const auto cast_opt = [&](const OptTensor& t) {
     return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
   };
-  return op.call(cell, cast(input), cast(weight_ih), cast(weight_hh), cast_opt(bias),
-                 cast_opt(bias_hh), cast_opt(weight_hr), cast(h0), cast_opt(c0), lengths, reverse);
+  return recurrence_op().call(cell, cast(input), cast(weight_ih), cast(weight_hh), cast_opt(bias),
+                              cast_opt(bias_hh), cast_opt(weight_hr), cast(h0), cast_opt(c0),
+                              lengths, reverse);
 }
 
 template <c10::DeviceType kDevice, c10::DispatchKey kKey>

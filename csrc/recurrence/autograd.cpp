@@ -27,23 +27,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-using Tensor = at::Tensor;
-
-using ForwardSig = ForwardResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
-                                 const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
-                                 const OptTensor&, const OptTensor&, bool);
-using BackwardSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
-                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                   bool);
-using BackwardInPlaceSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&,
-                                          const OptTensor&, const Tensor&, const Tensor&,
-                                          const Tensor&, const OptTensor&, Tensor&, const Tensor&,
-                                          const Tensor&, const OptTensor&, bool);
-using InferenceSig = InferenceResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
-                                     const OptTensor&, const OptTensor&, const OptTensor&,
-                                     const Tensor&, const OptTensor&, const OptTensor&, bool);
-
 // The cells' templated forward over tensors: each value a (G, B, H) tensor.
 struct TensorMath {
   static Tensor sigmoid(const Tensor& x) { return at::sigmoid(x); }
@@ -96,13 +79,6 @@ std::vector<Tensor> composite_forward(const Tensor& input, const Tensor& w_ih, c
 Tensor defined_or_null(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
-const c10::TypedOperatorHandle<ForwardSig>& forward_op() {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mtl_kernels::grouped_recurrence_forward", "")
-                       .typed<ForwardSig>();
-  return op;
-}
-
 // The autograd of both forward ops:
 //   grouped_recurrence_forward (kHidden = false) returns the saved tensors (gates, h_states, aux)
 //     with its results, so its backward must leave them as they are;
@@ -121,7 +97,7 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction<k
     Tensor output, h_n, c_n, gates, h_states, aux;
     {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
-      std::tie(output, h_n, c_n, gates, h_states, aux) = forward_op().call(
+      std::tie(output, h_n, c_n, gates, h_states, aux) = recurrence_forward_op().call(
           cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths, reverse);
     }
     ctx->saved_data["cell"] = cell;
@@ -179,20 +155,14 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction<k
       if (ctx->saved_data.count("gates_consumed")) {  // retain_graph: the forward again
         at::AutoDispatchBelowADInplaceOrView below_autograd;
         std::tie(std::ignore, std::ignore, std::ignore, gates, h_states, aux) =
-            forward_op().call(cell, input, weight_ih, weight_hh, opt(bias), opt(bias_hh),
+            recurrence_forward_op().call(cell, input, weight_ih, weight_hh, opt(bias), opt(bias_hh),
                               opt(weight_hr), h0, opt(c0), opt(lengths), reverse);
       }
       ctx->saved_data["gates_consumed"] = true;
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mtl_kernels::_grouped_recurrence_backward_in_place", "")
-                           .typed<BackwardInPlaceSig>();
-      d = op.call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
+      d = recurrence_backward_in_place_op().call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
                   gates, h_states, aux, opt(lengths), reverse);
     } else {
-      static auto op = c10::Dispatcher::singleton()
-                           .findSchemaOrThrow("mtl_kernels::grouped_recurrence_backward", "")
-                           .typed<BackwardSig>();
-      d = op.call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
+      d = recurrence_backward_op().call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
                   gates, h_states, aux, opt(lengths), reverse);
     }
     auto [d_input, d_w_ih, d_w_hh, d_bias, d_bias_hh, d_w_hr, d_h0, d_c0] = d;
@@ -239,11 +209,8 @@ InferenceResult grouped_recurrence_autograd(c10::string_view cell, const Tensor&
                      opt_needs_grad(bias) || opt_needs_grad(bias_hh) || opt_needs_grad(weight_hr) ||
                      needs_grad(h0) || opt_needs_grad(c0));
   if (!grad) {
-    static auto op = c10::Dispatcher::singleton()
-                         .findSchemaOrThrow("mtl_kernels::grouped_recurrence", "")
-                         .typed<InferenceSig>();
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    return op.call(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
+    return recurrence_op().call(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths,
                    reverse);
   }
   check_no_functorch("grouped_recurrence", "the modules or mtl_kernels._ops.recurrence_layer");

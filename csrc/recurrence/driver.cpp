@@ -169,7 +169,7 @@ struct ScratchInputs {
 template <class Cell>
 ScratchInputs scratch_inputs(int64_t G, int64_t B, int64_t H, const at::TensorOptions& opts) {
   constexpr int64_t K = Cell::kGates;
-  const int64_t T = 8;
+  const int64_t T = 16;  // enough steps that the sequence path's one fork/join is amortised
   ScratchInputs s;
   s.input = at::randn({T, B, 1}, opts);
   s.weight_ih = at::randn({G, K * H, 1}, opts);

@@ -2,6 +2,7 @@
 // of the driver's ForwardArgs / BackwardArgs: each backend registers these for its dispatch key.
 #pragma once
 
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -66,6 +67,46 @@ BackwardResult backward_in_place_op(c10::string_view cell, const at::Tensor& gra
   return F(std::string(cell), BackwardArgs{grad_output, grad_h_n, grad_c_n, input, weight_ih,
                                            weight_hh, weight_hr, gates, h_states, aux, lengths,
                                            reverse});
+}
+
+// The ops' unboxed signatures, and their handles for calls from C++ (the autograd, the per-cell
+// composites, the autocast kernels).
+using Tensor = at::Tensor;
+using ForwardSig = ForwardResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
+                                 const OptTensor&, const OptTensor&, const OptTensor&, const Tensor&,
+                                 const OptTensor&, const OptTensor&, bool);
+using InferenceSig = InferenceResult(c10::string_view, const Tensor&, const Tensor&, const Tensor&,
+                                     const OptTensor&, const OptTensor&, const OptTensor&,
+                                     const Tensor&, const OptTensor&, const OptTensor&, bool);
+using BackwardSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                   bool);
+using BackwardInPlaceSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&,
+                                          const OptTensor&, const Tensor&, const Tensor&,
+                                          const Tensor&, const OptTensor&, Tensor&, const Tensor&,
+                                          const Tensor&, const OptTensor&, bool);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+inline const c10::TypedOperatorHandle<ForwardSig>& recurrence_forward_op() {
+  static const auto op = find_op<ForwardSig>("mtl_kernels::grouped_recurrence_forward");
+  return op;
+}
+inline const c10::TypedOperatorHandle<InferenceSig>& recurrence_op() {
+  static const auto op = find_op<InferenceSig>("mtl_kernels::grouped_recurrence");
+  return op;
+}
+inline const c10::TypedOperatorHandle<BackwardSig>& recurrence_backward_op() {
+  static const auto op = find_op<BackwardSig>("mtl_kernels::grouped_recurrence_backward");
+  return op;
+}
+inline const c10::TypedOperatorHandle<BackwardInPlaceSig>& recurrence_backward_in_place_op() {
+  static const auto op =
+      find_op<BackwardInPlaceSig>("mtl_kernels::_grouped_recurrence_backward_in_place");
+  return op;
 }
 
 // The backends (recurrence/cpu.cpp, recurrence/cuda_per_step.cu).
