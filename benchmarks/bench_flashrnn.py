@@ -44,8 +44,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mtl_kernels  # noqa: E402
 from mtl_kernels import GroupedLSTM  # noqa: E402
-from bench_grouped_lstm import sequence_path  # noqa: E402  (benchmarks/ is on sys.path)
-from envinfo import describe  # noqa: E402
+from envinfo import describe  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from timing import median_time  # noqa: E402
 
 CONFIGS = {  # name: (G, B, T, C, H), per-group inputs
@@ -159,8 +158,8 @@ def run_case(name, dtype, flashrnn, backends, device, args, emit):
         got = outputs_and_grads(forward, leaves, x, grad)
         return {n: rel_err(a, b) for n, a, b in zip(("out", "d_w_ih", "d_w_hh", "d_bias"), got, truth)}
 
-    for path in (sequence_path(), "per_step"):
-        rec = dict(base, impl="GroupedLSTM " + ("persistent" if path != "per_step" else path))
+    for path in ("sequence", "per_step"):
+        rec = dict(base, impl=f"GroupedLSTM {path}")
         with mtl_kernels.recurrence_path(path):
             fwd, leaves = grouped_impl(params_rounded, device, dt)
             before = mtl_kernels.path_counts()
@@ -200,7 +199,7 @@ def fmt(v, spec=">9.3f"):
 
 
 def print_table(rows):
-    ref = {r["dtype"] + r["config"]: r for r in rows if r["impl"] == "GroupedLSTM persistent"}
+    ref = {r["dtype"] + r["config"]: r for r in rows if r["impl"] == "GroupedLSTM sequence"}
     print(f"{'config':<11}{'dtype':<9}{'impl':<24}{'fwd ms':>9}{'f+b ms':>9}{'fwd/GL':>8}{'f+b/GL':>8}"
           f"{'out err':>9}{'dW_hh err':>10}{'1st s':>7}")
     for r in rows:
@@ -258,7 +257,8 @@ def main():
         env["flashrnn"] = "unknown"
     env.update({"torch_extensions_dir": os.environ.get("TORCH_EXTENSIONS_DIR"), "projection": PROJECTION})
     print(f"# GroupedLSTM vs FlashRNN: {env}")
-    print(f"# projection: {PROJECTION}; times are medians in ms; /GL = over GroupedLSTM persistent")
+    print(f"# projection: {PROJECTION}; times are medians in ms; /GL = over GroupedLSTM sequence "
+          "(the sequence path: the persistent kernel)")
 
     def emit(rec):
         print(json.dumps(rec), flush=True)

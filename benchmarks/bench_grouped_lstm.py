@@ -1,25 +1,27 @@
-"""GroupedLSTM against what users run today.
+"""GroupedLSTM (or GroupedGRU, GroupedRNN: --cell) against what users run today.
 
 For each config (DESIGN.md): forward and forward+backward medians of
-  loop     - the nn.ModuleList of G nn.LSTM called in a Python loop (the baseline),
-  grouped  - GroupedLSTM (one grouped op),
-  batched  - one nn.LSTM over batch G*B (same arithmetic, shared weights: what grouping should
-             cost at most),
+  loop     - the nn.ModuleList of G nn.LSTM (nn.GRU, nn.RNN) called in a Python loop (the baseline),
+  grouped  - GroupedLSTM (GroupedGRU, GroupedRNN; one grouped op),
+  batched  - one nn.LSTM (nn.GRU, nn.RNN) over batch G*B (same arithmetic, shared weights: what
+             grouping should cost at most),
 and the speed-ups loop/grouped and grouped/batched, all measured in the same run. With --json,
 the file is rewritten after every row ("complete": false until the last), so a run stopped by a
 time limit keeps the rows done so far.
 
-`grouped` is measured on both recurrence paths: the whole-sequence kernel (the default wherever it
-applies: the persistent kernel on a GPU, rows in parallel on the CPU; the `path` column says what
-ran forward/backward: Q whole-sequence, S per-step) and, in the `per-step` column, the per-step path.
-On CUDA, a second table puts the persistent forward's time per step next to its floor: FLOPs over
-the card's FP32 FMA peak, or the per-step overhead measured on a minimal case (G=1, B=1; H=64 runs
-as one block per group, H=256 as 8 slices with a barrier each step), whichever is larger. The W_hh
-bytes per step over the measured copy bandwidth are listed as what the per-step path re-reads
-each step and the persistent kernel does not.
+`grouped` is measured on both recurrence paths: the "sequence" path (--grouped-path, the default:
+the whole sequence in one kernel call wherever it can run: the persistent kernel on a GPU where its
+plan fits, rows in parallel on the CPU; the `path` column says what ran forward/backward: Q
+whole-sequence, S per-step) and, in the `per-step` column, the per-step path. On CUDA, a second
+table puts the persistent forward's time per step next to its floor: FLOPs over the card's FP32 FMA
+peak, or the per-step overhead measured on a minimal case (G=1, B=1; H=64 runs as one block per
+group, H=256 as several slices with a barrier each step: 8 for the LSTM in fp32), whichever is
+larger. The W_hh bytes per step over the measured copy bandwidth are listed as what the per-step
+path re-reads each step and the persistent kernel does not.
 
-  python benchmarks/bench_grouped_lstm.py [--device cpu|cuda] [--dtype float32|bfloat16|float16]
-                                          [--configs a,b] [--json FILE]
+  python benchmarks/bench_grouped_lstm.py [--cell lstm|gru|rnn_tanh|rnn_relu] [--device cpu|cuda]
+                                          [--dtype float32|bfloat16|float16] [--configs a,b]
+                                          [--grouped-path sequence|per_step] [--json FILE]
 """
 import argparse
 import json
@@ -31,7 +33,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import mtl_kernels  # noqa: E402
-from mtl_kernels import GroupedLSTM, _C  # noqa: E402
+from mtl_kernels import GroupedRNNBase, _C  # noqa: E402
 from envinfo import describe  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
 from timing import median_time  # noqa: E402
 
@@ -46,25 +48,25 @@ CONFIGS = {
 }
 
 
-def sequence_path():
-    """The name of the whole-sequence recurrence path for mtl_kernels.recurrence_path: "sequence",
-    or "persistent" in the versions before the rename."""
-    for name in ("sequence", "persistent"):
-        try:
-            with mtl_kernels.recurrence_path(name):
-                return name
-        except ValueError:
-            pass
-    raise RuntimeError("mtl_kernels.recurrence_path takes neither 'sequence' nor 'persistent'")
+CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
-def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path=None):
-    grouped_path = grouped_path or sequence_path()
+def torch_module(cell, C, H):
+    """The torch module a loop of this cell runs: nn.LSTM, nn.GRU or nn.RNN (tanh or relu)."""
+    if cell == "lstm":
+        return nn.LSTM(C, H)
+    if cell == "gru":
+        return nn.GRU(C, H)
+    return nn.RNN(C, H, nonlinearity=cell[len("rnn_"):])
+
+
+def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="sequence", cell="lstm"):
     G, B, T, C, H, kind = CONFIGS[name]
     torch.manual_seed(0)
-    lstms = nn.ModuleList([nn.LSTM(C, H) for _ in range(G)]).to(device, dtype)
-    grouped = GroupedLSTM.from_lstms(lstms)
-    batched = nn.LSTM(C, H).to(device, dtype)
+    loop_modules = nn.ModuleList([torch_module(cell, C, H) for _ in range(G)]).to(device, dtype)
+    grouped = GroupedRNNBase.from_modules(loop_modules)
+    batched = torch_module(cell, C, H).to(device, dtype)
     if kind == "shared":
         x = torch.randn(T, B, C, device=device, dtype=dtype)
         x_loop = [x] * G
@@ -77,7 +79,7 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path=No
     grad_batched = torch.randn(T, G * B, H, device=device, dtype=dtype)
 
     def loop_fwd():
-        return [lstm(xg)[0] for lstm, xg in zip(lstms, x_loop)]
+        return [m(xg)[0] for m, xg in zip(loop_modules, x_loop)]
 
     def loop_fwd_bwd():
         torch.autograd.backward(loop_fwd(), grad_loop)
@@ -94,7 +96,7 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path=No
     def batched_fwd_bwd():
         batched_fwd().backward(grad_batched)
 
-    row = {"config": name, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
+    row = {"config": name, "cell": cell, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
     before = mtl_kernels.path_counts()
     with mtl_kernels.recurrence_path(grouped_path):
         grouped_fwd_bwd()
@@ -137,13 +139,13 @@ def fp32_fma_peak(device):
     return p.multi_processor_count * 128 * 2 * clock_hz
 
 
-def step_overhead_seconds(device, dtype, H, warmup, repeats, min_time):
+def step_overhead_seconds(device, dtype, H, warmup, repeats, min_time, cell="lstm"):
     """Per-step cost of the persistent forward at minimal work (G=1, B=1): (time at T=513 - time
-    at T=1) / 512. H=64 runs as one block (no inter-block barrier); H=256 as 8 slices of 32 units
-    in fp32 (one barrier per step among them)."""
-    m = GroupedLSTM(1, 1, H).to(device, dtype)
+    at T=1) / 512. H=64 runs as one block (no inter-block barrier); H=256 as several slices (8 of
+    32 units for the LSTM in fp32, 4 for the GRU, 2 for the RNN: one barrier per step among them)."""
+    m = GroupedRNNBase.from_modules([torch_module(cell, 1, H)]).to(device, dtype)
     times = []
-    with torch.no_grad(), mtl_kernels.recurrence_path(sequence_path()):
+    with torch.no_grad(), mtl_kernels.recurrence_path("sequence"):
         for T in (1, 513):
             x = torch.randn(T, 1, 1, device=device, dtype=dtype)
             times.append(median_time(lambda: m(x), device, warmup, repeats, min_time))
@@ -152,12 +154,14 @@ def step_overhead_seconds(device, dtype, H, warmup, repeats, min_time):
 
 def print_floor_table(rows, device, dtype, args):
     bw, peak = copy_bandwidth(device), fp32_fma_peak(device)
-    solo = step_overhead_seconds(device, dtype, 64, args.warmup, args.repeats, args.min_time)
-    barrier = step_overhead_seconds(device, dtype, 256, args.warmup, args.repeats, args.min_time)
+    cell, K = args.cell, GATES[args.cell]
+    solo = step_overhead_seconds(device, dtype, 64, args.warmup, args.repeats, args.min_time, cell)
+    barrier = step_overhead_seconds(device, dtype, 256, args.warmup, args.repeats, args.min_time, cell)
     elem = torch.empty((), dtype=dtype).element_size()
-    print(f"\n# persistent forward per step vs its floor: copy bw {bw / 1e9:.0f} GB/s, FP32 FMA peak "
-          f"{peak / 1e12:.1f} TFLOP/s, step overhead {solo * 1e6:.2f} us (one block per group), "
-          f"{barrier * 1e6:.2f} us (8 slices + barrier)")
+    barrier_slices = _C.persistent_plan(1, 1, 256, elem, False, *device_limits(device), K)["slices"]
+    print(f"\n# persistent forward per step vs its floor ({cell}): copy bw {bw / 1e9:.0f} GB/s, FP32 FMA "
+          f"peak {peak / 1e12:.1f} TFLOP/s, step overhead {solo * 1e6:.2f} us (one block per group), "
+          f"{barrier * 1e6:.2f} us ({barrier_slices} slices + barrier)")
     hdr = (f"{'config':<14}{'path':>5}{'slices':>7} | {'fwd us/step':>11}{'flops floor':>12}{'overhd':>9}"
            f"{'floor':>8}{'x floor':>8} | {'W_hh us/step @bw':>16}")
     print(hdr)
@@ -165,11 +169,11 @@ def print_floor_table(rows, device, dtype, args):
     for r in rows:
         G, B, T, H = r["G"], r["B"], r["T"], r["H"]
         step = r["fwd"]["grouped_ms"] * 1e-3 / T
-        flops = 2 * G * B * 4 * H * H / peak
-        plan = _C.persistent_plan(G, B, H, elem, False, *device_limits(device))
+        flops = 2 * G * B * K * H * H / peak
+        plan = _C.persistent_plan(G, B, H, elem, False, *device_limits(device), K)
         overhead = solo if plan["slices"] == 1 else barrier
         floor = max(flops, overhead)
-        w_bytes = G * 4 * H * H * elem / bw
+        w_bytes = G * K * H * H * elem / bw
         r["floor"] = {"fwd_step_us": step * 1e6, "flops_floor_us": flops * 1e6, "overhead_us": overhead * 1e6,
                       "slices": plan["slices"],
                       "floor_us": floor * 1e6, "w_hh_us_at_bw": w_bytes * 1e6}
@@ -189,6 +193,9 @@ def device_limits(device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cell", default="lstm", choices=CELLS,
+                    help="the recurrent net: nn.LSTM, nn.GRU or nn.RNN (tanh, relu) against GroupedLSTM, "
+                         "GroupedGRU or GroupedRNN")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--configs", default=None,
@@ -197,12 +204,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds to keep timing small cases")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 (cuDNN and cuBLAS) on CUDA")
-    ap.add_argument("--grouped-path", default="persistent", choices=["persistent", "sequence", "per_step"],
+    ap.add_argument("--grouped-path", default="sequence", choices=["sequence", "per_step"],
                     help="the path of the 'grouped' column (per_step: skip the whole-sequence kernels)")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
-    if args.grouped_path != "per_step":  # "persistent" and "sequence": the same path, renamed
-        args.grouped_path = sequence_path()
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cuda":
@@ -216,11 +221,13 @@ def main():
             sys.exit(f"unknown config {n!r}; choose from {', '.join(CONFIGS)}")
 
     env = describe(device)
-    env.update({"dtype": args.dtype, "tf32": bool(args.tf32) if device.type == "cuda" else None,
-                "grouped_path": args.grouped_path})
-    print(f"# GroupedLSTM benchmark: {env}")
+    env.update({"cell": args.cell, "dtype": args.dtype,
+                "tf32": bool(args.tf32) if device.type == "cuda" else None, "grouped_path": args.grouped_path})
+    grouped_name = type(GroupedRNNBase.from_modules([torch_module(args.cell, 1, 1)])).__name__
+    torch_name = type(torch_module(args.cell, 1, 1)).__name__
+    print(f"# {grouped_name} benchmark: {env}")
     cuda = device.type == "cuda"
-    print("# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.LSTM over G*B); "
+    print(f"# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.{torch_name} over G*B); "
           "grouped = whole-sequence kernel where it applies (path Q/S fwd/bwd), per-step = the per-step path")
     step_hdr = f"{'per-step':>9}{'spd':>7}"
     hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5}{'path':>5} | "
@@ -241,7 +248,8 @@ def main():
         return f"{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
 
     for n in names:
-        r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time, args.grouped_path)
+        r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time, args.grouped_path,
+                         args.cell)
         rows.append(r)
         f, fb = r["fwd"], r["fwd+bwd"]
         print(f"{n:<14}{r['G']:>4}{r['B']:>5}{r['T']:>5}{r['C']:>5}{r['H']:>5}{r['path']:>5} | "

@@ -6,14 +6,17 @@
 #
 #   stage 1 (the must-have):  bash benchmarks/device_check.sh 1 [BUDGET_S, default 520]
 #     environment (GPU, driver, torch, nvcc, ninja: stops if ninja is missing); build with
-#     MAX_JOBS=16 and a -Xptxas -v table per kernel; tests/test_persistent_cuda.py (without -x; the
-#     persistent path is left out of later steps only on a hang or crash: exit 124/137 or >= 128);
-#     memcheck on the persistent forward and backward kernels; bench_grouped_lstm.py on seed-tasks,
-#     seed-branches, many-small, multitask in fp32 and bf16 (JSON rewritten after every row).
+#     MAX_JOBS=16 and a -Xptxas -v table per kernel; tests/test_persistent_cuda.py (the persistent
+#     kernel against the per-step path for lstm, gru, rnn_tanh, rnn_relu; without -x; the sequence
+#     path is left out of later steps only on a hang or crash: exit 124/137 or >= 128); memcheck on
+#     the persistent forward and backward kernels of every cell; bench_grouped_lstm.py (LSTM) on
+#     seed-tasks, seed-branches, many-small, multitask in fp32 and bf16 (JSON rewritten after every
+#     row).
 #   stage 2:                  bash benchmarks/device_check.sh 2 [BUDGET_S, default 520]
 #     rebuilds only if mtl_kernels/_C*.so with CUDA kernels is missing (a fresh machine); the
 #     error-path check; the full test suite on both recurrence paths; racecheck and synccheck on the
-#     small persistent case; FlashRNN against GroupedLSTM, multitask bf16 first and alone (needs the
+#     small persistent cases (every cell); the GRU benchmark (nn.GRU loop vs GroupedGRU, fp32, the
+#     stage-1 configs); FlashRNN against GroupedLSTM, multitask bf16 first and alone (needs the
 #     wheel carried in .whl/); the `wide` config; the branch-attention benchmark; the remaining
 #     FlashRNN cases with whatever time is left.
 #
@@ -28,8 +31,8 @@
 #
 # $OUT (at most 8 files come back): console_stageN.log (everything printed), summary_stageN.txt
 # (one line per step), logs_stageN.tgz (every step's full log, rewritten after each step), and in
-# stage 1 ptxas.txt, lstm_fp32.json, lstm_bf16.json; in stage 2 flashrnn.jsonl (wide and
-# branch-attention JSON are inside the tgz).
+# stage 1 ptxas.txt, lstm_fp32.json, lstm_bf16.json; in stage 2 gru_fp32.json, flashrnn.jsonl (wide
+# and branch-attention JSON are inside the tgz).
 # Dry run (prints every step's command, runs nothing):  MTL_DEVICE_CHECK_DRY=1 bash benchmarks/device_check.sh 1
 set -uo pipefail
 STAGE=${1:-}
@@ -98,11 +101,11 @@ hang_or_crash() { [ "$1" -eq 124 ] || [ "$1" -eq 137 ] || { [ "$1" -ge 128 ] && 
 
 has_cuda_build() {
   ls mtl_kernels/_C*.so >/dev/null 2>&1 && python3 -c "import torch, mtl_kernels; import sys; \
-sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('mtl_kernels::grouped_lstm_forward', 'CUDA') else 1)" 2>/dev/null
+sys.exit(0 if torch._C._dispatch_has_kernel_for_dispatch_key('mtl_kernels::grouped_recurrence_forward', 'CUDA') else 1)" 2>/dev/null
 }
 
 build() {
-  step build 330 build.log "NVCC_APPEND_FLAGS='-Xptxas -v' python3 setup.py build_ext --inplace && python3 -c \"import torch, mtl_kernels; assert torch._C._dispatch_has_kernel_for_dispatch_key('mtl_kernels::grouped_lstm_forward', 'CUDA'), 'no CUDA kernels in the build'; print('build has CUDA kernels')\""
+  step build 330 build.log "NVCC_APPEND_FLAGS='-Xptxas -v' python3 setup.py build_ext --inplace && python3 -c \"import torch, mtl_kernels; assert torch._C._dispatch_has_kernel_for_dispatch_key('mtl_kernels::grouped_recurrence_forward', 'CUDA'), 'no CUDA kernels in the build'; print('build has CUDA kernels')\""
   local rc=$?
   if [ $rc -ne 0 ]; then
     say "BUILD FAILED (rc=$rc): nothing else can run"; tail -n 40 "$LOGS/build.log" | show
@@ -141,31 +144,31 @@ if [ "$STAGE" = 1 ]; then
   build || exit 1
   [ "$DRY" = 1 ] || echo "built_at=$(date +%s)" >"$STATE"
 
-  # ---- the persistent kernel on its own: first, without -x ----
-  TAIL=25 step persistent-tests 150 tests_persistent.log \
+  # ---- the persistent kernel on its own, every cell: first, without -x ----
+  TAIL=25 step persistent-tests 180 tests_persistent.log \
     "python3 -m pytest tests/test_persistent_cuda.py -v -p no:cacheprovider -rfE --durations=15"
   rc=$?
   [ $rc -eq 0 ] || status=1
   persistent=ok
   if hang_or_crash $rc; then
     persistent=dropped
-    say "PERSISTENT TESTS HUNG OR CRASHED (rc=$rc): the persistent path is left out of the steps below"
+    say "PERSISTENT TESTS HUNG OR CRASHED (rc=$rc): the sequence path (the persistent kernel) is left out of the steps below"
   fi
   [ $rc -eq 124 ] || [ $rc -eq 137 ] && persistent=hung
   [ "$DRY" = 1 ] || echo "persistent=$persistent" >>"$STATE"
-  GPATH=persistent
+  GPATH=sequence
   [ "$persistent" = ok ] || { GPATH=per_step; export MTL_KERNELS_LSTM_PATH=per_step; }
 
-  # ---- memcheck: the persistent forward and backward kernels, one small multi-slice case ----
+  # ---- memcheck: the persistent forward and backward kernels, one small multi-slice case per cell ----
   if [ "$persistent" != hung ]; then
-    step memcheck 120 memcheck.log \
-      "compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_case.py persistent-min"
+    step memcheck 150 memcheck.log \
+      "compute-sanitizer --tool memcheck --error-exitcode 9 python3 benchmarks/sanitize_case.py sequence-min"
     [ $? -eq 0 ] || status=1
   else
     say "memcheck skipped: the persistent tests hung"; summary memcheck SKIPPED 0 "persistent tests hung"
   fi
 
-  # ---- the benchmark: loop, batched, per-step, persistent; JSON after every row ----
+  # ---- the benchmark: loop, batched, per-step, sequence (persistent); JSON after every row ----
   B="python3 benchmarks/bench_grouped_lstm.py --device cuda --grouped-path $GPATH --configs seed-tasks,seed-branches,many-small,multitask --repeats 10 --min-time 0.2"
   TAIL=16 step bench-fp32 130 bench_fp32.log "$B --dtype float32 --json $OUT/lstm_fp32.json"
   [ $? -eq 0 ] || status=1
@@ -181,16 +184,18 @@ else
   fi
   persistent=$(sed -n 's/^persistent=//p' "$STATE" 2>/dev/null | tail -n 1)
   if [ -z "$persistent" ]; then  # a fresh machine: a quick smoke run decides
-    step persistent-smoke 60 persistent_smoke.log "python3 benchmarks/sanitize_case.py persistent-min"
+    step persistent-smoke 60 persistent_smoke.log "python3 benchmarks/sanitize_case.py sequence-min"
     rc=$?
     persistent=ok
     hang_or_crash $rc && persistent=dropped
     [ $rc -eq 124 ] || [ $rc -eq 137 ] && persistent=hung
   fi
-  say "persistent path: $persistent"
-  KSEL=""  # the persistent path's test ids say "persistent", or "cuda-sequence" after the rename
+  say "persistent kernel: $persistent"
+  GPATH=sequence
+  KSEL=""  # every test of the GPU's sequence path says "cuda-sequence" in its id (conftest.py)
   if [ "$persistent" != ok ]; then
-    KSEL="-k 'not persistent and not cuda-sequence'"
+    GPATH=per_step
+    KSEL="--ignore=tests/test_persistent_cuda.py -k 'not cuda-sequence'"
     export MTL_KERNELS_LSTM_PATH=per_step  # the default path of everything else
   fi
 
@@ -207,11 +212,17 @@ else
   [ $? -eq 0 ] || status=1
 
   for tool in racecheck synccheck; do
-    if [ "$persistent" = hung ]; then summary "$tool" SKIPPED 0 "persistent path hung"; continue; fi
+    if [ "$persistent" = hung ]; then summary "$tool" SKIPPED 0 "persistent kernel hung"; continue; fi
     step "$tool" 90 "$tool.log" \
-      "compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitize_case.py persistent-min"
+      "compute-sanitizer --tool $tool --error-exitcode 9 python3 benchmarks/sanitize_case.py sequence-min"
     [ $? -eq 0 ] || status=1
   done
+
+  # the GRU: nn.GRU loop vs GroupedGRU on stage 1's configs, fp32 (before FlashRNN, whose first-use
+  # build takes an unknown time)
+  TAIL=16 step bench-gru-fp32 90 bench_gru_fp32.log \
+    "python3 benchmarks/bench_grouped_lstm.py --cell gru --device cuda --grouped-path $GPATH --configs seed-tasks,seed-branches,many-small,multitask --repeats 10 --min-time 0.2 --dtype float32 --json $OUT/gru_fp32.json"
+  [ $? -eq 0 ] || status=1
 
   # FlashRNN: its wheel is carried in .whl/ (einops, triton, ninja, packaging are in the image)
   FR_OK=0
@@ -230,7 +241,7 @@ else
     [ $? -eq 0 ] || status=1
   fi
 
-  B="python3 benchmarks/bench_grouped_lstm.py --device cuda --grouped-path $([ "$persistent" = ok ] && echo persistent || echo per_step) --configs wide --repeats 10 --min-time 0.2"
+  B="python3 benchmarks/bench_grouped_lstm.py --device cuda --grouped-path $GPATH --configs wide --repeats 10 --min-time 0.2"
   step wide-fp32 60 bench_wide_fp32.log "$B --dtype float32 --json $LOGS/lstm_wide_fp32.json"
   [ $? -eq 0 ] || status=1
   step wide-bf16 60 bench_wide_bf16.log "$B --dtype bfloat16 --json $LOGS/lstm_wide_bf16.json"

@@ -3,9 +3,9 @@
 On the GPU machine's torch 2.11 a TORCH_CHECK whose message streams values (a std::string built in
 our code, handed to libc10) once segfaulted instead of raising (benchmarks/NOTES.md, "error-path
 crash"). Each case runs in its own subprocess, so a crash is reported instead of ending this
-script: the grouped-LSTM op called with a weight_hh of the wrong shape (a streamed message) on the
-CPU and on CUDA, directly and through autograd (inputs that require grad), and the
-branch-attention op with a weight of the wrong size.
+script: the recurrence op (grouped_recurrence_forward, cell "lstm") called with a weight_hh of the
+wrong shape (a streamed message) on the CPU and on CUDA, directly and through autograd (inputs that
+require grad), and the branch-attention op with a weight of the wrong size.
 
   python3 benchmarks/error_path_check.py        exit 0: every case raised RuntimeError
 """
@@ -23,18 +23,15 @@ PRELUDE = textwrap.dedent("""
     dev = {device!r}
     G, T, B, C, H = 2, 4, 3, 5, 6
     r = lambda *s, grad=False: torch.randn(*s, device=dev, requires_grad=grad)
-    lstm_forward = getattr(ops, "grouped_lstm_forward", None) or (  # or the cell-generic op
-        lambda x, wi, wh, b, h0, c0, L, rev: ops.grouped_recurrence_forward(
-            "lstm", x, wi, wh, b, None, h0, c0, L, rev))
 """)
 
 CASES = {
-    "grouped_lstm_forward, weight_hh (G, 4H, 1)": (
-        "lstm_forward(r(T, B, C), r(G, 4 * H, C), r(G, 4 * H, 1), r(G, 4 * H), "
-        "r(G, B, H), r(G, B, H), None, False)", "weight_hh"),
-    "grouped_lstm_forward through autograd, weight_hh (G, 4H, 1)": (
-        "lstm_forward(r(T, B, C, grad=True), r(G, 4 * H, C, grad=True), "
-        "r(G, 4 * H, 1, grad=True), r(G, 4 * H), r(G, B, H), r(G, B, H), None, False)",
+    "grouped_recurrence_forward lstm, weight_hh (G, 4H, 1)": (
+        "ops.grouped_recurrence_forward('lstm', r(T, B, C), r(G, 4 * H, C), r(G, 4 * H, 1), "
+        "r(G, 4 * H), None, None, r(G, B, H), r(G, B, H), None, False)", "weight_hh"),
+    "grouped_recurrence_forward lstm through autograd, weight_hh (G, 4H, 1)": (
+        "ops.grouped_recurrence_forward('lstm', r(T, B, C, grad=True), r(G, 4 * H, C, grad=True), "
+        "r(G, 4 * H, 1, grad=True), r(G, 4 * H), None, None, r(G, B, H), r(G, B, H), None, False)",
         "weight_hh"),
     "branch_attention_forward, weight (H + 1,)": (
         "ops.branch_attention_forward(r(3, 7, H), r(H + 1), None)", "weight"),

@@ -30,7 +30,7 @@ def main():
     x = torch.randn((T, B, C) if kind == "shared" else (G, T, B, C), device=device)
     grad = torch.randn(G, T, B, H, device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    for path in ("persistent", "per_step") if device.type == "cuda" else ("per_step",):
+    for path in ("sequence", "per_step") if device.type == "cuda" else ("per_step",):
         with mtl_kernels.recurrence_path(path):
             for _ in range(3):  # warm-up
                 m(x)[0].backward(grad)

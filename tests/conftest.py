@@ -24,9 +24,10 @@ def device(request):
         yield torch.device(kind)
 
 
-@pytest.fixture(params=CUDA_PATHS)
+@pytest.fixture(params=CUDA_PATHS, ids=[f"cuda-{p}" for p in CUDA_PATHS])
 def cuda_path(request):
-    """For GPU-only tests: run them on both recurrence paths."""
+    """For GPU-only tests: run them on both recurrence paths (ids "cuda-sequence", "cuda-per_step",
+    as the device fixture's, so `-k 'not cuda-sequence'` leaves out every GPU sequence-path run)."""
     with mtl_kernels.recurrence_path(request.param):
         yield request.param
 

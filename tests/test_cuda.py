@@ -1,10 +1,13 @@
-"""GPU-only checks: half precision, fp32 accuracy targets, CUDA graphs, the composite fallback."""
+"""GPU-only checks: half precision, fp32 accuracy targets, GroupedGRU / GroupedRNN parity with a
+loop of nn.GRU / nn.RNN, autocast, CUDA graphs, the composite fallback."""
+import copy
+
 import pytest
 import torch
 from torch import nn
 
-from mtl_kernels import GroupedLSTM, branch_attention
-from mtl_kernels.reference import LSTMLoop, branch_attention_reference
+from mtl_kernels import BranchAttention, GroupedLSTM, GroupedRNNBase, branch_attention
+from mtl_kernels.reference import LSTMLoop, RNNLoop, branch_attention_reference
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"),
               pytest.mark.usefixtures("cuda_path")]  # each test on both recurrence paths
@@ -49,6 +52,85 @@ def test_half_precision_forward_backward(dtype, shared):
     (rgx,) = torch.autograd.grad((r_out * cot).sum(), x64)
     assert rel_err(gx, rgx) < 2e-2
     assert torch.isfinite(g_w).all()
+
+
+def _torch_modules(kind, G, C, H, **kw):
+    if kind == "gru":
+        return nn.ModuleList([nn.GRU(C, H, **kw) for _ in range(G)])
+    return nn.ModuleList([nn.RNN(C, H, nonlinearity=kind[len("rnn_"):], **kw) for _ in range(G)])
+
+
+def _outputs_and_grads(module, params, x, hx, lengths, cotangents):
+    out, h_n = module(x, hx, lengths)
+    loss = (out * cotangents[0]).sum() + (h_n * cotangents[1]).sum()
+    return (out, h_n), torch.autograd.grad(loss, [x, hx, *params])
+
+
+@pytest.mark.parametrize("kind", ["gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_gru_rnn_fp32_parity_with_torch_loop(kind, shared):
+    """GroupedGRU / GroupedRNN against the ModuleList of nn.GRU / nn.RNN called in a loop on CUDA
+    (cuDNN, TF32 off), fp32, 2 layers, bidirectional, lengths and hx: outputs, final states and every
+    gradient (input, hx, each parameter) within test_cells.py's fp32 tolerances; and the grouped
+    module's outputs within 1e-5 (norm-relative) of the fp64 loop."""
+    torch.manual_seed(0)
+    G, T, B, C, H, L = 3, 17, 9, 33, 29, 2
+    mods = _torch_modules(kind, G, C, H, num_layers=L, bidirectional=True).cuda()
+    grouped = GroupedRNNBase.from_modules(mods)
+    loop, loop64 = RNNLoop(mods), RNNLoop(copy.deepcopy(mods)).double()
+    x = torch.randn((T, B, C) if shared else (G, T, B, C), device="cuda", requires_grad=True)
+    hx = torch.randn(G, 2 * L, B, H, device="cuda", requires_grad=True)
+    lengths = torch.randint(1, T + 1, (B,))
+    lengths[0] = T
+    g = torch.Generator().manual_seed(1)
+    cot = [torch.randn(*s, generator=g).cuda() for s in ((G, T, B, 2 * H), (G, 2 * L, B, H))]
+    names = [n for n, _ in mods[0].named_parameters()]
+    (out, h_n), grads = _outputs_and_grads(grouped, [getattr(grouped, n) for n in names], x, hx,
+                                           lengths, cot)
+    (r_out, r_h), r_grads = _outputs_and_grads(loop, [getattr(m, n) for n in names for m in mods],
+                                               x, hx, lengths, cot)
+    tol = dict(rtol=1e-4, atol=2e-5)
+    for a, b in ((out, r_out), (h_n, r_h), (grads[0], r_grads[0]), (grads[1], r_grads[1])):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, **tol)
+    for k, n in enumerate(names):
+        want = torch.stack(r_grads[2 + k * G:2 + (k + 1) * G])
+        torch.testing.assert_close(grads[2 + k], want, **tol, msg=lambda m: f"{n}: {m}")
+    with torch.no_grad():
+        o64, h64 = loop64(x.double(), hx.double(), lengths)
+    assert rel_err(out, o64) < 1e-5 and rel_err(h_n, h64) < 1e-5
+
+
+def test_autocast_cuda_bf16_grouped_lstm_and_branch_attention():
+    """Under torch.autocast("cuda", bfloat16), as nn.LSTM: GroupedLSTM runs in bf16 (outputs and
+    states bf16), BranchAttention too; the gradients reach the fp32 parameters in fp32, and outputs
+    and gradients are close to the fp32 run's (the attention weight's gradient, a difference of
+    branch scores, within 1e-1; its bias's is zero: a softmax over branches ignores a shared bias)."""
+    torch.manual_seed(0)
+    lstm = GroupedLSTM.from_lstms(nn.ModuleList([nn.LSTM(6, 8, 2) for _ in range(3)])).cuda()
+    att = BranchAttention(8).cuda()
+    params = [lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.weight_hh_l1, att.weight,
+              att.bias]
+    limits = [5e-2] * 4 + [1e-1, None]
+    x = torch.randn(7, 4, 6, device="cuda")
+    lengths = torch.tensor([7, 3, 5, 1])
+
+    def run():
+        branches, (h, c) = lstm(x, lengths=lengths)
+        combined = att(branches)
+        loss = combined.float().pow(2).sum() + h.float().sum()
+        return (branches, h, c, combined), torch.autograd.grad(loss, params)
+
+    ref, ref_grads = run()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got, grads = run()
+    assert all(t.dtype == torch.bfloat16 for t in got), [t.dtype for t in got]
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 2e-2
+    for p, gr, r, limit in zip(params, grads, ref_grads, limits):
+        assert gr.dtype == torch.float32 == p.dtype and torch.isfinite(gr).all()
+        if limit is not None:
+            assert gr.abs().sum() > 0 and rel_err(gr, r) < limit
 
 
 def test_cuda_graph_capture_forward_backward():

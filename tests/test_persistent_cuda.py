@@ -1,11 +1,13 @@
-"""The persistent grouped-LSTM kernel on a GPU (skipped without one; the emulator and planner tests
+"""The persistent kernel (the GPU implementation of the "sequence" recurrence path) on a GPU, for
+every cell: lstm, gru, rnn_tanh, rnn_relu (skipped without a GPU; the emulator and planner tests
 that run on the CPU are in test_persistent.py).
 
-The real kernel against the per-step path in fp64, both directions; half and single precision
-against fp64 on the same rounded inputs; bit-for-bit determinism with one slice per group and with
-several (the inter-block barrier); a long sequence (T = 1000) across the barrier; randomized sizes
-around the fit limits; the fallback when the plan cannot fit. benchmarks/device_check.sh runs this
-file first and alone.
+The real kernel against the per-step path in fp64, both directions, every cell; half and single
+precision against fp64 on the same rounded inputs, every cell; bit-for-bit determinism with one
+slice per group and with several (the inter-block barrier), LSTM and GRU; several slices per group,
+every cell; a long LSTM sequence (T = 1000) across the barrier; randomized sizes around the fit
+limits, every cell; the fallback when the plan cannot fit, every cell. benchmarks/device_check.sh
+runs this file first and alone.
 """
 import random
 
@@ -13,60 +15,31 @@ import pytest
 import torch
 
 import mtl_kernels
+from helpers import (CELLS, GATES, assert_all_close, backward_args, recurrence_args, recurrence_grads,
+                     rel_err, upcast)
 from mtl_kernels import _C
 from mtl_kernels._ops import ops
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 
 DEVICE = "cuda"
-
-
-def _sequence_path():
-    """The whole-sequence path's name for mtl_kernels.recurrence_path ("persistent" before it was
-    renamed "sequence")."""
-    for name in ("sequence", "persistent"):
-        try:
-            with mtl_kernels.recurrence_path(name):
-                return name
-        except ValueError:
-            pass
-    raise RuntimeError("recurrence_path takes neither 'sequence' nor 'persistent'")
-
-
-SEQ = _sequence_path()  # the persistent kernel on a GPU
+SEQ = "sequence"  # the recurrence path whose GPU implementation is the persistent kernel
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
-def _op_args(G, T, B, C, H, dtype, shared=True, bias=True, lengths=True, seed=0, w_scale=0.5):
-    """Inputs drawn in fp64 on the CPU, rounded to `dtype`, then moved to DEVICE."""
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)  # noqa: E731
-    x = r(T, B, C) if shared else r(G, T, B, C)
-    w_ih, w_hh = r(G, 4 * H, C) * w_scale, r(G, 4 * H, H) * w_scale
-    b = r(G, 4 * H) if bias else None
-    h0, c0 = r(G, B, H), r(G, B, H)
-    L = torch.randint(1, T + 1, (B,), generator=g).to(DEVICE) if lengths else None
-    return x, w_ih, w_hh, b, h0, c0, L
-
-
-def _grads(G, T, B, H, dtype, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)  # noqa: E731
-    return r(G, T, B, H), r(G, B, H), r(G, B, H)
-
-
-def _upcast(tensors):
-    return [t.double() if t is not None and t.is_floating_point() else t for t in tensors]
-
-
-def _rel_err(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
-def _assert_all_close(got, want, **tol):
-    for i, (a, b) in enumerate(zip(got, want)):
-        assert not a.isnan().any(), f"result {i} has unwritten (NaN-poisoned) elements"
-        torch.testing.assert_close(a, b, msg=lambda m: f"result {i}: {m}", **tol)
+def _case(cell, G, T, B, C, H, dtype, shared=True, bias=True, lengths=True, seed=0, w_scale=None):
+    """The forward op's arguments and the backward's incoming gradients, drawn in fp64 on the CPU,
+    rounded to `dtype`, then moved to DEVICE (tests/helpers.py). Weights are standard normal times
+    `w_scale`: by default 0.5, but 1/sqrt(H) for the plain RNN, which has no gate to damp it: at 0.5
+    its states and rounding differences grow ~0.5 sqrt(H) per step (relu: ~3e5 after 9 steps at
+    H = 64, so fp64 sums taken in another order differ by more than 1e-12 relative, and fp16
+    overflows; tanh at H = 300: fp32 paths apart by 2e-4 after 6 steps)."""
+    if w_scale is None:
+        w_scale = H ** -0.5 if cell.startswith("rnn") else 0.5
+    args = recurrence_args(cell, G, T, B, C, H, dtype, shared=shared, bias=bias, lengths=lengths,
+                           seed=seed, device=DEVICE, w_scale=w_scale)
+    grads = recurrence_grads(cell, G, T, B, H, dtype, seed=seed + 1, device=DEVICE)
+    return args, grads
 
 
 def _assert_all_equal(got, want, what):
@@ -79,7 +52,7 @@ def _assert_as_accurate(got, ref, truth, limit, what):
     same dtype) against `truth` (fp64 on the same rounded inputs), or within `limit`."""
     for i, (a, r, t) in enumerate(zip(got, ref, truth)):
         assert not a.isnan().any(), f"{what} result {i} has NaNs"
-        err, ref_err = _rel_err(a, t), _rel_err(r, t)
+        err, ref_err = rel_err(a, t), rel_err(r, t)
         assert err <= max(1.5 * ref_err, limit), \
             f"{what} result {i}: rel. error {err:.3g}, per-step path {ref_err:.3g}"
 
@@ -91,92 +64,75 @@ def _device_limits():
             p.max_threads_per_block)
 
 
-def _plan(G, B, H, dtype, backward):
+def _plan(cell, G, B, H, dtype, backward):
     elem = torch.empty((), dtype=dtype).element_size()
-    return _C.persistent_plan(G, B, H, elem, backward, *_device_limits())
+    return _C.persistent_plan(G, B, H, elem, backward, *_device_limits(), GATES[cell])
 
 
-def _forward_op(args, reverse):
-    """The grouped-LSTM forward op: (output, h_n, c_n, gates, h_states, c_states). Either the
-    LSTM op or the cell-generic one that replaces it (cell "lstm", no separate bias_hh)."""
-    x, w_ih, w_hh, b, h0, c0, L = args
-    if hasattr(ops, "grouped_lstm_forward"):
-        return ops.grouped_lstm_forward(x, w_ih, w_hh, b, h0, c0, L, reverse)
-    return ops.grouped_recurrence_forward("lstm", x, w_ih, w_hh, b, None, h0, c0, L, reverse)
-
-
-def _backward_op(grads, args, saved, reverse):
-    """The grouped-LSTM backward op: (d input, d w_ih, d w_hh, d bias, d h0, d c0)."""
-    x, w_ih, w_hh, _, _, _, L = args
-    if hasattr(ops, "grouped_lstm_backward"):
-        return ops.grouped_lstm_backward(*grads, x, w_ih, w_hh, *saved, L, reverse)
-    r = ops.grouped_recurrence_backward("lstm", *grads, x, w_ih, w_hh, *saved, L, reverse)
-    return tuple(r[:4]) + tuple(r[5:])  # without d bias_hh (GRU only)
-
-
-def _run(path, args, grads, reverse=False):
+def _run(cell, path, args, grads, reverse=False):
     """Forward and backward ops on one recurrence path; returns (forward results, backward
     results, how many recurrences ran each way)."""
     before = mtl_kernels.path_counts()
     with mtl_kernels.recurrence_path(path):
-        fwd = _forward_op(args, reverse)
-        bwd = _backward_op(grads, args, fwd[3:], reverse)
+        fwd = ops.grouped_recurrence_forward(cell, *args, reverse)
+        bwd = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, fwd, reverse))
     if DEVICE == "cuda":
         torch.cuda.synchronize()
     after = mtl_kernels.path_counts()
     return fwd, bwd, {k: after[k] - before[k] for k in after}
 
 
-def _run_cuda(path, G, T, B, C, H, dtype, shared=True, bias=True, lengths=True, reverse=False,
-              seed=0):
-    args = _op_args(G, T, B, C, H, dtype, shared, bias, lengths, seed=seed)
-    return _run(path, args, _grads(G, T, B, H, dtype, seed=seed + 1), reverse)
+def _run_case(cell, path, G, T, B, C, H, dtype, shared=True, bias=True, lengths=True,
+              reverse=False, seed=0):
+    return _run(cell, path, *_case(cell, G, T, B, C, H, dtype, shared, bias, lengths, seed), reverse)
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("G,T,B,C,H", [(3, 7, 5, 4, 6), (1, 1, 1, 1, 1), (32, 9, 16, 8, 64),
                                        (2, 5, 33, 3, 50), (8, 4, 64, 16, 256), (4, 3, 3, 2, 97)])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_cuda_persistent_matches_per_step(G, T, B, C, H, reverse):
+def test_cuda_persistent_matches_per_step(cell, G, T, B, C, H, reverse):
     dtype = torch.float64
-    p_fwd, p_bwd, ran = _run_cuda(SEQ, G, T, B, C, H, dtype, reverse=reverse)
-    fits_f = _plan(G, B, H, dtype, False)["fits"]
-    fits_b = _plan(G, B, H, dtype, True)["fits"]
+    p_fwd, p_bwd, ran = _run_case(cell, SEQ, G, T, B, C, H, dtype, reverse=reverse)
+    fits_f = _plan(cell, G, B, H, dtype, False)["fits"]
+    fits_b = _plan(cell, G, B, H, dtype, True)["fits"]
     assert ran["forward_sequence"] == int(fits_f) and ran["backward_sequence"] == int(fits_b)
-    s_fwd, s_bwd, ran_s = _run_cuda("per_step", G, T, B, C, H, dtype, reverse=reverse)
+    s_fwd, s_bwd, ran_s = _run_case(cell, "per_step", G, T, B, C, H, dtype, reverse=reverse)
     assert ran_s["forward_sequence"] == 0 and ran_s["backward_sequence"] == 0
-    _assert_all_close(p_fwd, s_fwd, **TOL[dtype])
-    _assert_all_close(p_bwd, s_bwd, rtol=1e-10, atol=1e-10)
+    assert_all_close(p_fwd, s_fwd, **TOL[dtype])
+    assert_all_close(p_bwd, s_bwd, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_cuda_persistent_half_and_single(dtype):
+def test_cuda_persistent_half_and_single(cell, dtype):
     """Against fp64 computed from the same rounded inputs, by norm-relative error (as the emulated
     test in test_persistent.py): every forward and backward result of the persistent kernel is as
     accurate as the per-step path in the same dtype (within 1.5x its error), or within `limit`
     (fp32 1e-5, the README's fp32 target; bf16/fp16 1e-2). An elementwise check against fp64 from
     unrounded inputs fails on input rounding alone."""
     G, T, B, C, H = 32, 16, 16, 64, 64
-    args = _op_args(G, T, B, C, H, dtype, shared=False)
-    grads = _grads(G, T, B, H, dtype)
-    truth_f, truth_b, _ = _run("per_step", _upcast(args), _upcast(grads))
-    ref_f, ref_b, _ = _run("per_step", args, grads)
-    got_f, got_b, ran = _run(SEQ, args, grads)
+    args, grads = _case(cell, G, T, B, C, H, dtype, shared=False)
+    truth_f, truth_b, _ = _run(cell, "per_step", upcast(args), upcast(grads))
+    ref_f, ref_b, _ = _run(cell, "per_step", args, grads)
+    got_f, got_b, ran = _run(cell, SEQ, args, grads)
     assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
-    assert got_f[5].dtype == torch.float32  # fp32 cell state, also for the half types
+    assert got_f[5].dtype == torch.float32  # fp32 aux (the LSTM's cell state), also for the half types
     limit = 1e-5 if dtype == torch.float32 else 1e-2
     _assert_as_accurate(got_f, ref_f, truth_f, limit, "forward")
     _assert_as_accurate(got_b, ref_b, truth_b, limit, "backward")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize("H,slices", [(96, "one"), (300, "several")])
-def test_cuda_persistent_is_deterministic(H, slices):
+def test_cuda_persistent_is_deterministic(cell, H, slices):
     """Three runs bit-for-bit equal, forward and backward: with one block per (group, tile) (no
     inter-block barrier) and with several slices per group (a barrier every step)."""
     G, T, B, C = 8, 20, 24, 16
     for backward in (False, True):
-        plan = _plan(G, B, H, torch.float32, backward)
+        plan = _plan(cell, G, B, H, torch.float32, backward)
         assert plan["fits"] and (plan["slices"] == 1) == (slices == "one"), plan
-    runs = [_run_cuda(SEQ, G, T, B, C, H, torch.float32, seed=3) for _ in range(3)]
+    runs = [_run_case(cell, SEQ, G, T, B, C, H, torch.float32, seed=3) for _ in range(3)]
     for fwd, bwd, ran in runs:
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
     for fwd, bwd, _ in runs[1:]:
@@ -184,7 +140,8 @@ def test_cuda_persistent_is_deterministic(H, slices):
         _assert_all_equal(bwd, runs[0][1], "backward")
 
 
-def test_cuda_persistent_random_sizes_around_the_limits():
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_persistent_random_sizes_around_the_limits(cell):
     """Sizes on both sides of the fit limits: fitting ones run persistent, the rest fall back, and
     every one matches the per-step path."""
     rng = random.Random(2)
@@ -192,52 +149,55 @@ def test_cuda_persistent_random_sizes_around_the_limits():
                                                                  400, 513]))
              for _ in range(10)]
     for i, (G, B, H) in enumerate(sizes):
-        fits = _plan(G, B, H, torch.float32, False)["fits"]
-        fwd, bwd, ran = _run_cuda(SEQ, G, 3, B, 5, H, torch.float32, seed=i)
+        fits = _plan(cell, G, B, H, torch.float32, False)["fits"]
+        fwd, bwd, ran = _run_case(cell, SEQ, G, 3, B, 5, H, torch.float32, seed=i)
         # never persistent without a plan; with one, the kernel's registers may still rule it out
         assert ran["forward_sequence"] <= int(fits)
-        ref_f, ref_b, _ = _run_cuda("per_step", G, 3, B, 5, H, torch.float32, seed=i)
-        _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
-        _assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
+        ref_f, ref_b, _ = _run_case(cell, "per_step", G, 3, B, 5, H, torch.float32, seed=i)
+        assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
+        assert_all_close(bwd, ref_b, rtol=1e-3, atol=1e-3)
 
 
-def test_cuda_persistent_several_slices_per_group():
-    """H = 300: no block holds a whole group's W_hh, so every step crosses the inter-block barrier.
-    fp32, reverse: forward elementwise against the per-step path; the backward, whose gradients
-    reach ~100 here (W_hh * 0.5 at H = 300 amplifies dh), by norm-relative error against fp64 on the
-    same inputs (an elementwise 1e-3 fails on cancellation in both paths' fp32 sums)."""
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_persistent_several_slices_per_group(cell):
+    """H = 300: no block holds a whole group's W_hh (fp32 on an H100: 10 slices for the LSTM, 5 for
+    the GRU, 3 for the RNN), so every step crosses the inter-block barrier. fp32, reverse: forward
+    elementwise against the per-step path; the backward, whose gradients reach ~100 here (W_hh * 0.5
+    at H = 300 amplifies dh), by norm-relative error against fp64 on the same inputs (an elementwise
+    1e-3 fails on cancellation in both paths' fp32 sums)."""
     G, T, B, C, H = 3, 6, 8, 5, 300
     for backward in (False, True):
-        plan = _plan(G, B, H, torch.float32, backward)
+        plan = _plan(cell, G, B, H, torch.float32, backward)
         assert plan["fits"] and plan["slices"] > 1, plan
-    args, grads = _op_args(G, T, B, C, H, torch.float32), _grads(G, T, B, H, torch.float32)
-    fwd, bwd, ran = _run(SEQ, args, grads, reverse=True)
+    args, grads = _case(cell, G, T, B, C, H, torch.float32)
+    fwd, bwd, ran = _run(cell, SEQ, args, grads, reverse=True)
     assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
-    ref_f, ref_b, _ = _run("per_step", args, grads, reverse=True)
-    truth_f, truth_b, _ = _run("per_step", _upcast(args), _upcast(grads), reverse=True)
-    _assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
+    ref_f, ref_b, _ = _run(cell, "per_step", args, grads, reverse=True)
+    truth_f, truth_b, _ = _run(cell, "per_step", upcast(args), upcast(grads), reverse=True)
+    assert_all_close(fwd, ref_f, rtol=1e-4, atol=1e-4)
     _assert_as_accurate(fwd, ref_f, truth_f, 1e-5, "forward")
     _assert_as_accurate(bwd, ref_b, truth_b, 1e-5, "backward")
 
 
-def test_cuda_forced_persistent_falls_back_when_it_does_not_fit():
-    """G = 200, B = 64, H = 256: 1600 blocks of 128 KB cannot all be resident, so a forced
-    persistent path runs per step (cheap to set up, unlike a hidden size too large for shared
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_forced_persistent_falls_back_when_it_does_not_fit(cell):
+    """G = 200, B = 64, H = 256: the blocks (1600 of 128 KB for the LSTM) cannot all be resident, so
+    a forced sequence path runs per step (cheap to set up, unlike a hidden size too large for shared
     memory)."""
     G, T, B, C, H = 200, 2, 64, 3, 256
     for backward in (False, True):
-        plan = _plan(G, B, H, torch.float32, backward)
+        plan = _plan(cell, G, B, H, torch.float32, backward)
         assert not plan["fits"] and "resident" in plan["reason"], plan
-    fwd, bwd, ran = _run_cuda(SEQ, G, T, B, C, H, torch.float32, lengths=False)
+    fwd, bwd, ran = _run_case(cell, SEQ, G, T, B, C, H, torch.float32, lengths=False)
     assert ran["forward_sequence"] == 0 and ran["forward_per_step"] == 1
     assert ran["backward_sequence"] == 0 and ran["backward_per_step"] == 1
     assert torch.isfinite(fwd[0]).all() and torch.isfinite(bwd[2]).all()
 
 
 def test_cuda_persistent_long_sequence_across_the_barrier():
-    """T = 1000 steps, H = 300, B = 4: several slices per group (10 of 32 units in fp32, 19 of 16 in
-    fp64 on an H100; asserted through the planner with this device's limits), so both kernels wait
-    at the inter-block barrier about 1000 times per launch.
+    """T = 1000 steps, H = 300, B = 4, LSTM: several slices per group (10 of 32 units in fp32, 19 of
+    16 in fp64 on an H100; asserted through the planner with this device's limits), so both kernels
+    wait at the inter-block barrier about 1000 times per launch.
 
     - fp32, forward direction: three runs (forward and backward) bit-for-bit equal to each other,
       and as accurate as the per-step path against fp64 on the same inputs (norm-relative, within
@@ -253,28 +213,29 @@ def test_cuda_persistent_long_sequence_across_the_barrier():
     G, T, B, C, H = 2, 1000, 4, 8, 300
     for dtype in (torch.float32, torch.float64):
         for backward in (False, True):
-            plan = _plan(G, B, H, dtype, backward)
+            plan = _plan("lstm", G, B, H, dtype, backward)
             assert plan["fits"] and plan["slices"] > 1, (dtype, backward, plan)
-    args = list(_op_args(G, T, B, C, H, torch.float32, shared=False, w_scale=H ** -0.5, seed=7))
-    args[6] = torch.tensor([T, T - 1, T // 2 + 17, 5], device=DEVICE)
-    grads = _grads(G, T, B, H, torch.float32, seed=8)
-    args64, grads64 = _upcast(args), _upcast(grads)
+    args, grads = _case("lstm", G, T, B, C, H, torch.float32, shared=False, w_scale=H ** -0.5,
+                        seed=7)
+    args = list(args)
+    args[8] = torch.tensor([T, T - 1, T // 2 + 17, 5], device=DEVICE)  # lengths
+    args64, grads64 = upcast(args), upcast(grads)
 
-    runs = [_run(SEQ, args, grads) for _ in range(3)]
+    runs = [_run("lstm", SEQ, args, grads) for _ in range(3)]
     for fwd, bwd, ran in runs:
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
     for fwd, bwd, _ in runs[1:]:
         _assert_all_equal(fwd, runs[0][0], "fp32 forward")
         _assert_all_equal(bwd, runs[0][1], "fp32 backward")
-    ref_f, ref_b, _ = _run("per_step", args, grads)
-    truth_f, truth_b, _ = _run("per_step", args64, grads64)
+    ref_f, ref_b, _ = _run("lstm", "per_step", args, grads)
+    truth_f, truth_b, _ = _run("lstm", "per_step", args64, grads64)
     _assert_as_accurate(runs[0][0], ref_f, truth_f, 1e-5, "fp32 forward")
     _assert_as_accurate(runs[0][1], ref_b, truth_b, 1e-5, "fp32 backward")
 
     for reverse in (False, True):
-        fwd, bwd, ran = _run(SEQ, args64, grads64, reverse)
+        fwd, bwd, ran = _run("lstm", SEQ, args64, grads64, reverse)
         assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
         ref_f, ref_b, _ = (truth_f, truth_b, None) if not reverse else \
-            _run("per_step", args64, grads64, reverse)
-        _assert_all_close(fwd, ref_f, rtol=1e-10, atol=1e-10)
-        _assert_all_close(bwd, ref_b, rtol=1e-10, atol=1e-10)
+            _run("lstm", "per_step", args64, grads64, reverse)
+        assert_all_close(fwd, ref_f, rtol=1e-10, atol=1e-10)
+        assert_all_close(bwd, ref_b, rtol=1e-10, atol=1e-10)
