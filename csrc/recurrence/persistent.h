@@ -62,6 +62,8 @@ struct PersistentPlan {
   int64_t blocks = 0;           // G * tiles * slices
   int64_t blocks_per_sm = 0;    // estimated from the limits (the CUDA side checks with the driver)
   MTL_HD int64_t threads() const { return units * threads_y; }
+  int64_t block_x() const { return units; }  // the launch's blockDim
+  int64_t block_y() const { return threads_y; }
   MTL_HD int64_t smem_bytes(int64_t elem_bytes) const {
     return align16(weight_elems * elem_bytes) + tile_elems * elem_bytes;
   }
@@ -78,6 +80,7 @@ struct PersistentLimits {
   // Blocks per SM at most: the hardware's limit, or fewer once the occupancy API has said what the
   // compiled kernel's registers allow (cuda_persistent.cu plans again with that).
   int64_t max_blocks_per_sm = 32;
+  int64_t regs_per_sm = 65536;  // 32-bit registers per SM (sm_80 and later)
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -169,8 +172,9 @@ struct PersistentBlock {
   int64_t row0, rows;    // batch rows [row0, row0 + rows)
 };
 
-MTL_HD PersistentBlock persistent_block(const PersistentPlan& p, int64_t B, int64_t H,
-                                        int64_t block) {
+// Plan: PersistentPlan, or the tensor-core variant's MmaPlan (persistent_mma.h): the same split.
+template <class Plan>
+MTL_HD PersistentBlock persistent_block(const Plan& p, int64_t B, int64_t H, int64_t block) {
   PersistentBlock k;
   k.slice = block % p.slices;
   k.tile = (block / p.slices) % p.tiles;
@@ -201,6 +205,61 @@ MTL_HD T load_shared_state(const T* p) {
 }
 
 // ---- shared-memory fills (all threads of a block, tid in [0, nthreads)) ----------------------
+
+// How a block's threads cover `rows` rows of `items` items each without a division per item: tpr
+// threads per row (a power of two, at least the items if the block has that many threads), so
+// thread tid starts at row tid / tpr and item tid % tpr and steps by nthreads / tpr rows and by tpr
+// items: one division per fill, none per element. All in 32-bit.
+struct RowCover {
+  int row0, row_step, item0, item_step;
+  MTL_HD RowCover(int items, int tid, int nthreads) {
+    int tpr = 1;
+    while (tpr < items && tpr * 2 <= nthreads) tpr *= 2;
+    row_step = nthreads / tpr;
+    row0 = tid / tpr;
+    item0 = tid & (tpr - 1);
+    item_step = tpr;
+    if (row0 >= row_step) row0 = 1 << 30;  // the threads past the last whole group of tpr: idle
+  }
+};
+
+// Copies `rows` rows of n elements from global memory (row r at src + r * src_stride), which other
+// blocks wrote during this launch (read through L2), into shared memory (row r at
+// dst + r * dst_stride). On the GPU in 16-byte vectors wherever every row is 16-byte aligned and n
+// a whole number of them; row starts in 64-bit pointers, offsets within a row in 32 bits.
+template <typename T>
+MTL_HD void fill_rows_cg(T* dst, int dst_stride, const T* src, int64_t src_stride, int rows, int n,
+                         int tid, int nthreads) {
+#if defined(__CUDA_ARCH__)
+  constexpr int kVec = 16 / int(sizeof(T));
+  if (kVec > 1 && n % kVec == 0 && dst_stride % kVec == 0 && src_stride % kVec == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    const int nv = n / kVec;
+    const RowCover rc(nv, tid, nthreads);
+    for (int r = rc.row0; r < rows; r += rc.row_step) {
+      const int4* s = reinterpret_cast<const int4*>(src + r * src_stride);
+      int4* d = reinterpret_cast<int4*>(dst + r * dst_stride);
+      for (int c = rc.item0; c < nv; c += rc.item_step) d[c] = __ldcg(s + c);
+    }
+    return;
+  }
+#endif
+  const RowCover rc(n, tid, nthreads);
+  for (int r = rc.row0; r < rows; r += rc.row_step) {
+    const T* s = src + r * src_stride;
+    T* d = dst + r * dst_stride;
+    for (int c = rc.item0; c < n; c += rc.item_step) d[c] = load_shared_state(s + c);
+  }
+}
+
+// Zeroes rows [r0, r1) x columns [c0, c1) of a shared-memory tile with row stride `stride`.
+template <typename T>
+MTL_HD void zero_rect(T* dst, int stride, int r0, int r1, int c0, int c1, int tid, int nthreads) {
+  if (r0 >= r1 || c0 >= c1) return;
+  const RowCover rc(c1 - c0, tid, nthreads);
+  for (int r = r0 + rc.row0; r < r1; r += rc.row_step)
+    for (int c = c0 + rc.item0; c < c1; c += rc.item_step) dst[r * stride + c] = T(0);
+}
 
 // Forward weights: w_s[(col * K + gate) * units + jj] = W_hh[g][gate * H + unit0 + jj][col], so
 // that a warp's lanes (consecutive jj) read consecutive words. Global reads go along col
