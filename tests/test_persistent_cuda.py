@@ -278,3 +278,165 @@ def test_cuda_persistent_long_sequence_across_the_barrier():
             _run("per_step", args64, grads64, reverse)
         _assert_all_close(fwd, ref_f, rtol=1e-10, atol=1e-10)
         _assert_all_close(bwd, ref_b, rtol=1e-10, atol=1e-10)
+
+
+# ---- the tensor-core variant (persistent_mma.h, cuda_persistent_mma.cu) ------------------------
+def _tensor_cores():
+    """mtl_kernels.tensor_cores and tensor_core_counts, or None where the build predates them."""
+    if not hasattr(mtl_kernels, "tensor_cores"):
+        pytest.skip("this build has no tensor-core variant")
+    return mtl_kernels.tensor_cores, mtl_kernels.tensor_core_counts
+
+
+def _mma_plan(G, B, H, dtype, backward, gates=4):
+    elem = torch.empty((), dtype=dtype).element_size()
+    return _C.persistent_mma_plan(G, B, H, elem, backward, *_device_limits(), gates,
+                                  8 if dtype == torch.float32 else 16)
+
+
+def _cell_args(cell, G, T, B, C, H, dtype, seed=0, shared=False, w_scale=0.5):
+    """grouped_recurrence_forward's arguments for any cell, drawn in fp64 on the CPU, rounded to
+    dtype, moved to the GPU."""
+    g = torch.Generator().manual_seed(seed)
+    K = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}[cell]
+    r = lambda *s, sc=1.0: (torch.randn(*s, generator=g, dtype=torch.float64) * sc).to(dtype).to(DEVICE)  # noqa: E731
+    x = r(T, B, C) if shared else r(G, T, B, C)
+    b_hh = r(G, K * H) if cell == "gru" else None
+    c0 = r(G, B, H) if cell == "lstm" else None
+    L = torch.randint(1, T + 1, (B,), generator=g).to(DEVICE)
+    return (x, r(G, K * H, C, sc=w_scale), r(G, K * H, H, sc=w_scale), r(G, K * H), b_hh, None,
+            r(G, B, H), c0, L)
+
+
+def _cell_grads(cell, G, T, B, H, dtype, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(dtype).to(DEVICE)  # noqa: E731
+    return r(G, T, B, H), r(G, B, H), (r(G, B, H) if cell == "lstm" else None)
+
+
+def _cell_run(cell, args, grads, reverse=False, mode="auto"):
+    """Forward and backward of the generic op on the sequence path with tensor cores `mode`;
+    returns (forward, backward, tensor-core launches (forward, backward), sequence runs)."""
+    tensor_cores, counts = _tensor_cores()
+    before, before_p = counts(), mtl_kernels.path_counts()
+    with mtl_kernels.recurrence_path(SEQ), tensor_cores(mode):
+        fwd = ops.grouped_recurrence_forward(cell, *args, reverse)
+        x, w_ih, w_hh, _, _, w_hr, _, _, L = args
+        bwd = ops.grouped_recurrence_backward(cell, *grads, x, w_ih, w_hh, w_hr, fwd[3], fwd[4],
+                                              fwd[5], L, reverse)
+    torch.cuda.synchronize()
+    after, after_p = counts(), mtl_kernels.path_counts()
+    tc = (after["forward"] - before["forward"], after["backward"] - before["backward"])
+    seq = (after_p["forward_sequence"] - before_p["forward_sequence"],
+           after_p["backward_sequence"] - before_p["backward_sequence"])
+    return fwd, bwd, tc, seq
+
+
+def _per_step(cell, args, grads, reverse=False):
+    with mtl_kernels.recurrence_path("per_step"):
+        fwd = ops.grouped_recurrence_forward(cell, *args, reverse)
+        x, w_ih, w_hh, _, _, w_hr, _, _, L = args
+        bwd = ops.grouped_recurrence_backward(cell, *grads, x, w_ih, w_hh, w_hr, fwd[3], fwd[4],
+                                              fwd[5], L, reverse)
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,T,B,C,H,reverse", [(3, 7, 21, 8, 40, False), (8, 5, 64, 16, 256, True),
+                                               (2, 4, 5, 3, 300, False)])
+def test_cuda_mma_half_matches_fp64(cell, dtype, G, T, B, C, H, reverse):
+    """bf16 / fp16 on tensor cores (every cell; one slice, and several with the barrier; tiles of
+    16 rows and a partial one; H = 300: units and k padding), forward and backward, against fp64 on
+    the same rounded inputs by norm-relative error: within 1.5x the per-step path's error in the
+    same dtype, or 1e-2."""
+    args, grads = _cell_args(cell, G, T, B, C, H, dtype), _cell_grads(cell, G, T, B, H, dtype)
+    fwd, bwd, tc, seq = _cell_run(cell, args, grads, reverse)
+    K = {"lstm": 4, "gru": 3}.get(cell, 1)
+    want = (int(_mma_plan(G, B, H, dtype, False, K)["fits"]), int(_mma_plan(G, B, H, dtype, True, K)["fits"]))
+    assert tc == want, (tc, want)  # every fitting plan ran on tensor cores
+    assert tc[0] <= seq[0] and tc[1] <= seq[1]
+    up = lambda ts: [t.double() if t is not None and t.is_floating_point() else t for t in ts]  # noqa: E731
+    truth_f, truth_b = _per_step(cell, up(args), up(grads), reverse)
+    ref_f, ref_b = _per_step(cell, args, grads, reverse)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, f"{cell} forward")
+    _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, f"{cell} backward")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_mma_tf32_only_when_allowed(cell):
+    """fp32 runs on tensor cores (TF32 operands) only where TF32 is allowed for matmuls; then its
+    error against fp64 is TF32's (<= 1e-2), and without it the FMA variant runs (fp32: <= 1e-5)."""
+    G, T, B, C, H = 4, 6, 32, 8, 128
+    args, grads = _cell_args(cell, G, T, B, C, H, torch.float32), _cell_grads(cell, G, T, B, H, torch.float32)
+    up = lambda ts: [t.double() if t is not None and t.is_floating_point() else t for t in ts]  # noqa: E731
+    truth_f, truth_b = _per_step(cell, up(args), up(grads))
+    ref_f, ref_b = _per_step(cell, args, grads)
+    assert not torch.backends.cuda.matmul.allow_tf32  # conftest: strict fp32 by default
+    fwd, bwd, tc, _ = _cell_run(cell, args, grads)
+    assert tc == (0, 0)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-5, "fp32 forward")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        fwd, bwd, tc, _ = _cell_run(cell, args, grads)
+        K = 4 if cell == "lstm" else 3
+        want = (int(_mma_plan(G, B, H, torch.float32, False, K)["fits"]),
+                int(_mma_plan(G, B, H, torch.float32, True, K)["fits"]))
+        assert tc == want == (1, 1)
+        _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, "tf32 forward")
+        _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, "tf32 backward")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def test_cuda_mma_switch_off_runs_fma():
+    args = _cell_args("lstm", 4, 5, 16, 8, 64, torch.bfloat16)
+    grads = _cell_grads("lstm", 4, 5, 16, 64, torch.bfloat16)
+    on_f, on_b, tc_on, seq_on = _cell_run("lstm", args, grads, mode="auto")
+    off_f, off_b, tc_off, seq_off = _cell_run("lstm", args, grads, mode="off")
+    assert tc_on == (1, 1) and tc_off == (0, 0) and seq_on == seq_off == (1, 1)
+    for a, b in zip(list(on_f) + list(on_b), list(off_f) + list(off_b)):  # same math, other sums
+        if a.numel():
+            assert _rel_err(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("H", [64, 300])
+def test_cuda_mma_is_deterministic(H):
+    """Three runs bit-for-bit equal on tensor cores (one slice per group; several with the
+    barrier)."""
+    args = _cell_args("lstm", 6, 12, 24, 8, H, torch.bfloat16, seed=5)
+    grads = _cell_grads("lstm", 6, 12, 24, H, torch.bfloat16, seed=6)
+    runs = [_cell_run("lstm", args, grads) for _ in range(3)]
+    assert all(r[2] == (1, 1) for r in runs)
+    for fwd, bwd, _, _ in runs[1:]:
+        _assert_all_equal(fwd, runs[0][0], "forward")
+        _assert_all_equal(bwd, runs[0][1], "backward")
+
+
+def test_cuda_mma_long_sequence_and_chunked_backward():
+    """T = 300 across the barrier (H = 256: 4 slices), bf16; and fp32 with TF32 at multitask size,
+    whose backward fills drec in chunks (the planner's choice on an H100/H200)."""
+    args = _cell_args("lstm", 2, 300, 16, 8, 256, torch.bfloat16, seed=7, w_scale=256 ** -0.5)
+    grads = _cell_grads("lstm", 2, 300, 16, 256, torch.bfloat16, seed=8)
+    fwd, bwd, tc, _ = _cell_run("lstm", args, grads)
+    assert tc == (1, 1)
+    up = lambda ts: [t.double() if t is not None and t.is_floating_point() else t for t in ts]  # noqa: E731
+    truth_f, truth_b = _per_step("lstm", up(args), up(grads))
+    ref_f, ref_b = _per_step("lstm", args, grads)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, "forward")
+    _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, "backward")
+    plan = _mma_plan(8, 64, 256, torch.float32, True)
+    if not plan["fits"] or plan["chunk_ktiles"] == plan["ktiles"]:
+        pytest.skip(f"this device's plan has no chunked backward: {plan}")
+    args = _cell_args("lstm", 8, 4, 64, 8, 256, torch.float32, seed=9, w_scale=256 ** -0.5)
+    grads = _cell_grads("lstm", 8, 4, 64, 256, torch.float32, seed=10)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        fwd, bwd, tc, _ = _cell_run("lstm", args, grads)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert tc == (1, 1)
+    truth_f, truth_b = _per_step("lstm", up(args), up(grads))
+    ref_f, ref_b = _per_step("lstm", args, grads)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, "tf32 forward")
+    _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, "tf32 backward")
