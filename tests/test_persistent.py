@@ -175,8 +175,10 @@ def _check_plan_invariants(p, G, B, H, elem_bytes, backward, limits=H100, gates=
     assert p["threads"] == p["units"] * p["threads_y"] <= min(MAX_THREADS, threads_block)
     cols = p["chunk"]
     assert 1 <= cols <= (gates * H if backward else H) and (backward or cols == H)
-    w_bytes = -(-gates * p["units"] * H * elem_bytes // 16) * 16
-    assert p["smem_bytes"] == w_bytes + p["tile_rows"] * cols * elem_bytes <= smem_block
+    r4 = lambda x: -(-x // 4) * 4  # noqa: E731  (W_hh and tile rows zero-padded to column quads)
+    w_elems = r4(gates * H) * p["units"] if backward else gates * p["units"] * r4(H)
+    w_bytes = -(-w_elems * elem_bytes // 16) * 16
+    assert p["smem_bytes"] == w_bytes + p["tile_rows"] * r4(cols) * elem_bytes <= smem_block
     assert p["blocks"] == G * p["tiles"] * p["slices"]
     assert p["blocks"] <= p["blocks_per_sm"] * sms  # co-resident
     assert p["blocks_per_sm"] * (p["smem_bytes"] + 1024) <= smem_sm

@@ -39,8 +39,8 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
     persistent_forward_kernel(const SequenceForward<scalar_t, acc_t> q, const PersistentPlan plan,
                               unsigned int* counters) {
   extern __shared__ __align__(16) unsigned char smem[];
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);  // (H, K, units)
-  scalar_t* h_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, H)
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);  // (H / 4, K, units, 4)
+  scalar_t* h_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, round4(H))
   const PersistentBlock k = persistent_block(plan, q.B, q.H, blockIdx.x);
   const int64_t tx = threadIdx.x, ty = threadIdx.y;
   const int64_t tid = ty * plan.units + tx, nthreads = plan.threads();
@@ -48,6 +48,7 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
   const bool alone = plan.slices == 1;
 
   persistent_fill_weights_forward<Cell::kGates>(w_s, q.weight_hh, k, plan.units, q.H, tid, nthreads);
+  persistent_zero_h_padding(h_s, plan, q.H, tid, nthreads);
   acc_t c[kRows];  // the cell state of the thread's (unit, rows), for the whole sequence
   persistent_forward_init<Cell, kRows>(q, k, plan.threads_y, tx, ty, c);
   for (int64_t s = 0; s < q.T; ++s) {
@@ -64,8 +65,8 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
     persistent_backward_kernel(const SequenceBackward<scalar_t, acc_t> q,
                                const PersistentPlan plan, unsigned int* counters) {
   extern __shared__ __align__(16) unsigned char smem[];
-  scalar_t* wt_s = reinterpret_cast<scalar_t*>(smem);  // (KH, units)
-  scalar_t* dr_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, chunk)
+  scalar_t* wt_s = reinterpret_cast<scalar_t*>(smem);  // (KH / 4, units, 4)
+  scalar_t* dr_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, round4(chunk))
   const PersistentBlock k = persistent_block(plan, q.B, q.H, blockIdx.x);
   const int64_t tx = threadIdx.x, ty = threadIdx.y;
   const int64_t tid = ty * plan.units + tx, nthreads = plan.threads();
@@ -85,10 +86,10 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
       const int64_t t_prev = backward_time(s - 1, q.T, q.reverse);
       for (int64_t c = 0; c < chunks; ++c) {  // A, a chunk of drec columns at a time
         const int64_t n0 = c * plan.chunk, ncols = chunk_cols(plan, q.H, c);
-        persistent_fill_drec(dr_s, q, k, t_prev, n0, ncols, tid, nthreads);
+        persistent_fill_drec(dr_s, q, k, t_prev, n0, ncols, plan.tile_stride(), tid, nthreads);
         __syncthreads();
-        persistent_recurrent_grad<kRows>(k, plan.units, plan.threads_y, n0, ncols, wt_s, dr_s, tx,
-                                         ty, dh);
+        persistent_recurrent_grad<kRows>(k, plan.units, plan.threads_y, n0, ncols,
+                                         plan.tile_stride(), wt_s, dr_s, tx, ty, dh);
         __syncthreads();  // dr_s is refilled next
       }
     } else {

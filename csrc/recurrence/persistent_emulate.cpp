@@ -54,6 +54,13 @@ PersistentPlan checked_plan(int64_t K, int64_t G, int64_t B, int64_t H, bool bac
   return plan;
 }
 
+// What the emulated shared memory holds before the kernel writes it: NaN, so that an element read
+// before it was written (a padding element not zeroed) shows up in the results.
+template <typename scalar_t>
+std::vector<scalar_t> poisoned(int64_t n) {
+  return std::vector<scalar_t>(std::max<int64_t>(n, 1), std::numeric_limits<scalar_t>::quiet_NaN());
+}
+
 template <int kRows, typename acc_t>
 struct Registers {
   acc_t a[kRows];
@@ -65,7 +72,8 @@ template <class Cell, int kRows, typename scalar_t, typename acc_t>
 void emulate_forward(const SequenceForward<scalar_t, acc_t>& q, const PersistentPlan& plan) {
   constexpr int K = Cell::kGates;
   const int64_t nthreads = plan.threads(), units = plan.units, ty_n = plan.threads_y;
-  std::vector<scalar_t> w_s(plan.blocks * plan.weight_elems), h_s(plan.blocks * plan.tile_elems);
+  std::vector<scalar_t> w_s = poisoned<scalar_t>(plan.blocks * plan.weight_elems);
+  std::vector<scalar_t> h_s = poisoned<scalar_t>(plan.blocks * plan.tile_elems);
   std::vector<Registers<kRows, acc_t>> regs(plan.blocks * nthreads);  // .a = the carried aux
   auto block = [&](int64_t b) { return persistent_block(plan, q.B, q.H, b); };
   for (int64_t b = 0; b < plan.blocks; ++b) {  // kernel start
@@ -73,6 +81,8 @@ void emulate_forward(const SequenceForward<scalar_t, acc_t>& q, const Persistent
     for (int64_t tid = 0; tid < nthreads; ++tid)
       persistent_fill_weights_forward<K>(&w_s[b * plan.weight_elems], q.weight_hh, k, units, q.H,
                                          tid, nthreads);
+    for (int64_t tid = 0; tid < nthreads; ++tid)
+      persistent_zero_h_padding(&h_s[b * plan.tile_elems], plan, q.H, tid, nthreads);
     for (int64_t tid = 0; tid < nthreads; ++tid)
       persistent_forward_init<Cell, kRows>(q, k, ty_n, tid % units, tid / units,
                                            regs[b * nthreads + tid].a);
@@ -95,7 +105,8 @@ template <class Cell, int kRows, typename scalar_t, typename acc_t>
 void emulate_backward(const SequenceBackward<scalar_t, acc_t>& q, const PersistentPlan& plan) {
   constexpr int K = Cell::kGates;
   const int64_t nthreads = plan.threads(), units = plan.units, ty_n = plan.threads_y;
-  std::vector<scalar_t> w_s(plan.blocks * plan.weight_elems), dr_s(plan.blocks * plan.tile_elems);
+  std::vector<scalar_t> w_s = poisoned<scalar_t>(plan.blocks * plan.weight_elems);
+  std::vector<scalar_t> dr_s = poisoned<scalar_t>(plan.blocks * plan.tile_elems);
   std::vector<Registers<kRows, acc_t>> regs(plan.blocks * nthreads);  // .a = dc, .b = dh_pass
   auto block = [&](int64_t b) { return persistent_block(plan, q.B, q.H, b); };
   for (int64_t b = 0; b < plan.blocks; ++b) {
@@ -121,10 +132,10 @@ void emulate_backward(const SequenceBackward<scalar_t, acc_t>& q, const Persiste
         for (int64_t c = 0; c < chunks; ++c) {
           const int64_t n0 = c * plan.chunk, ncols = chunk_cols(plan, q.H, c);
           for (int64_t tid = 0; tid < nthreads; ++tid)
-            persistent_fill_drec(tile, q, k, t_prev, n0, ncols, tid, nthreads);
+            persistent_fill_drec(tile, q, k, t_prev, n0, ncols, plan.tile_stride(), tid, nthreads);
           for (int64_t tid = 0; tid < nthreads; ++tid)
-            persistent_recurrent_grad<kRows>(k, units, ty_n, n0, ncols, w, tile, tid % units,
-                                             tid / units, regs[b * nthreads + tid].c);
+            persistent_recurrent_grad<kRows>(k, units, ty_n, n0, ncols, plan.tile_stride(), w, tile,
+                                             tid % units, tid / units, regs[b * nthreads + tid].c);
         }
       }
       for (int64_t tid = 0; tid < nthreads; ++tid) {
@@ -154,13 +165,6 @@ MmaPlan checked_mma_plan(int64_t K, int64_t G, int64_t B, int64_t H, bool backwa
               "), reg_ktiles < 0 or at most the k-tiles the registers hold, mma_k 16 or 8)");
   (void)G;
   return plan;
-}
-
-// What the emulated shared memory holds before the kernel writes it: NaN, so that an element read
-// before it was written (a padding element not zeroed) shows up in the results.
-template <typename scalar_t>
-std::vector<scalar_t> poisoned(int64_t n) {
-  return std::vector<scalar_t>(std::max<int64_t>(n, 1), std::numeric_limits<scalar_t>::quiet_NaN());
 }
 
 template <class Cell, int kK, typename scalar_t, typename acc_t>
