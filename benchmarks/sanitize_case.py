@@ -8,7 +8,10 @@ Modes (default: per_step persistent):
   persistent-min        one small persistent case per direction of the pass: the persistent
                         forward kernel, then the persistent backward kernel, G=2, T=5, B=3, H=300
                         fp32 (10 slices per group: the barrier), lengths; exits 2 if either ran
-                        per step (then the sanitizer checked the wrong kernel).
+                        per step (then the sanitizer checked the wrong kernel). Then the same in
+                        bf16 on the tensor-core variant (B=19, H=300: 5 slices, a narrower last
+                        one, k padding; two tiles); exits 3 if it did not run there (in builds
+                        that have it).
 
   python benchmarks/sanitize_case.py [per_step] [persistent] [persistent-min] [--device cuda|cpu]
 
@@ -50,15 +53,15 @@ def every_kernel(path, device):
     print(path, {k: after[k] - before[k] for k in after}, flush=True)
 
 
-def persistent_min(device):
+def persistent_min(device, dtype=torch.float32, B=3):
     """The persistent forward kernel, then the persistent backward kernel, on one small case with
     several slices per group. Returns the path counts."""
-    G, T, B, C, H = 2, 5, 3, 4, 300
+    G, T, C, H = 2, 5, 4, 300
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     x, w_ih, w_hh, b = r(G, T, B, C), r(G, 4 * H, C) * 0.1, r(G, 4 * H, H) * H ** -0.5, r(G, 4 * H)
     h0, c0 = r(G, B, H), r(G, B, H)
-    lengths = torch.tensor([5, 2, 4], device=device)
+    lengths = torch.tensor(([5, 2, 4] * B)[:B], device=device)
     grads = r(G, T, B, H), r(G, B, H), r(G, B, H)
     before = mtl_kernels.path_counts()
     generic = not hasattr(ops, "grouped_lstm_forward")  # the cell-generic op that replaces it
@@ -78,7 +81,7 @@ def persistent_min(device):
     after = mtl_kernels.path_counts()
     ran = {k: after[k] - before[k] for k in after}
     finite = all(bool(torch.isfinite(t).all()) for t in (*fwd, *bwd) if t is not None)
-    print("persistent-min", ran, "all finite" if finite else "NON-FINITE RESULTS", flush=True)
+    print("persistent-min", dtype, ran, "all finite" if finite else "NON-FINITE RESULTS", flush=True)
     return ran, finite
 
 
@@ -118,6 +121,18 @@ def main():
             print("persistent-min: a direction ran per step, so the sanitizer did not check the "
                   "persistent kernel there")
             status = 2
+        if hasattr(mtl_kernels, "tensor_core_counts"):  # the tensor-core variant, bf16
+            before = mtl_kernels.tensor_core_counts()
+            ran, finite = persistent_min(device, torch.bfloat16, B=19)
+            after = mtl_kernels.tensor_core_counts()
+            tc = (after["forward"] - before["forward"], after["backward"] - before["backward"])
+            print("persistent-min bf16: tensor-core launches (forward, backward)", tc, flush=True)
+            if not finite:
+                status = 1
+            if device.type == "cuda" and tc != (1, 1):
+                print("persistent-min: bf16 did not run on the tensor-core variant, so the sanitizer "
+                      "did not check it")
+                status = status or 3
     print("sanitize case ran")
     sys.exit(status)
 
