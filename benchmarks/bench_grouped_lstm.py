@@ -9,19 +9,28 @@ and the speed-ups loop/grouped and grouped/batched, all measured in the same run
 the file is rewritten after every row ("complete": false until the last), so a run stopped by a
 time limit keeps the rows done so far.
 
-`grouped` is measured on both recurrence paths: the "sequence" path (--grouped-path, the default:
-the whole sequence in one kernel call wherever it can run: the persistent kernel on a GPU where its
-plan fits, rows in parallel on the CPU; the `path` column says what ran forward/backward: Q
-whole-sequence, S per-step) and, in the `per-step` column, the per-step path. On CUDA, a second
-table puts the persistent forward's time per step next to its floor: FLOPs over the card's FP32 FMA
-peak, or the per-step overhead measured on a minimal case (G=1, B=1; H=64 runs as one block per
-group, H=256 as several slices with a barrier each step: 8 for the LSTM in fp32), whichever is
-larger. The W_hh bytes per step over the measured copy bandwidth are listed as what the per-step
-path re-reads each step and the persistent kernel does not.
+`grouped` runs the recurrence path --grouped-path names, by default "auto": what users get (on the
+CPU the path chosen per shape by measurement, see mtl_kernels.tuned_paths(); on a GPU the sequence
+path wherever its plan fits); "sequence" forces the whole sequence in one kernel call wherever it
+can run (the persistent kernel on a GPU where its plan fits, rows in parallel on the CPU) and
+"per_step" the per-step path. The `path` column says what ran forward/backward in the fwd+bwd
+call: T the persistent kernel's tensor-core variant, Q the whole sequence without tensor cores (the
+persistent kernel's FMA variant, or the CPU's sequence path), S per step. The `per-step` column times the per-step path. On CUDA, where the
+tensor-core variant ran (bf16 / fp16; fp32 with --tf32), the `FMA` column times the sequence path
+with it switched off (mtl_kernels.tensor_cores("off")), so that each variant has its column. A
+second table puts the persistent forward's time per step next to its floor: FLOPs (K gates: 4 for
+the LSTM, 3 for the GRU, 1 for the RNN) over the peak of the units that ran it (the tensor cores'
+dense bf16 / fp16 / TF32 peak where the tensor-core variant ran, computed from the SM count and
+clock; else the FP32 FMA peak), or the per-step overhead measured on a minimal case of the same
+cell (G=1, B=1; H=64 runs as one block per group, H=256 as several slices with a barrier each step),
+whichever is larger; and the same for the FMA variant where both ran. The W_hh bytes per step over
+the measured copy bandwidth are listed as what the per-step path re-reads each step and the
+persistent kernel does not.
 
   python benchmarks/bench_grouped_lstm.py [--cell lstm|gru|rnn_tanh|rnn_relu] [--device cpu|cuda]
                                           [--dtype float32|bfloat16|float16] [--configs a,b]
-                                          [--grouped-path sequence|per_step] [--json FILE]
+                                          [--grouped-path auto|sequence|per_step] [--tf32]
+                                          [--json FILE]
 """
 import argparse
 import json
@@ -61,7 +70,23 @@ def torch_module(cell, C, H):
     return nn.RNN(C, H, nonlinearity=cell[len("rnn_"):])
 
 
-def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="sequence", cell="lstm"):
+def ran_path(fn, device):
+    """Runs fn once; "F/B": T tensor-core persistent kernel, Q whole sequence without tensor cores
+    (FMA persistent kernel, CPU sequence path), S per step, for the forward and the backward."""
+    before, tc_before = mtl_kernels.path_counts(), mtl_kernels.tensor_core_counts()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    after, tc_after = mtl_kernels.path_counts(), mtl_kernels.tensor_core_counts()
+
+    def code(kind):
+        if tc_after[kind] > tc_before[kind]:
+            return "T"
+        return "Q" if after[f"{kind}_sequence"] > before[f"{kind}_sequence"] else "S"
+    return code("forward") + "/" + code("backward")
+
+
+def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="auto", cell="lstm"):
     G, B, T, C, H, kind = CONFIGS[name]
     torch.manual_seed(0)
     loop_modules = nn.ModuleList([torch_module(cell, C, H) for _ in range(G)]).to(device, dtype)
@@ -97,14 +122,14 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="s
         batched_fwd().backward(grad_batched)
 
     row = {"config": name, "cell": cell, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
-    before = mtl_kernels.path_counts()
     with mtl_kernels.recurrence_path(grouped_path):
-        grouped_fwd_bwd()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    after = mtl_kernels.path_counts()
-    row["path"] = ("Q" if after["forward_sequence"] > before["forward_sequence"] else "S") + "/" + \
-                  ("Q" if after["backward_sequence"] > before["backward_sequence"] else "S")
+        row["path"] = ran_path(grouped_fwd_bwd, device)
+    # the FMA variant's own column (the sequence path, tensor cores off), where the tensor-core
+    # variant ran
+    row["path_fma"] = None
+    if "T" in row["path"]:
+        with mtl_kernels.recurrence_path("sequence"), mtl_kernels.tensor_cores("off"):
+            row["path_fma"] = ran_path(grouped_fwd_bwd, device)
     for label, fns in (("fwd", (loop_fwd, grouped_fwd, batched_fwd)),
                        ("fwd+bwd", (loop_fwd_bwd, grouped_fwd_bwd, batched_fwd_bwd))):
         ctx = torch.no_grad() if label == "fwd" else torch.enable_grad()
@@ -112,6 +137,10 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="s
             t_loop, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns[::2])
             with mtl_kernels.recurrence_path(grouped_path):
                 t_grouped = median_time(fns[1], device, warmup, repeats, min_time)
+            t_fma = None
+            if row["path_fma"] is not None:
+                with mtl_kernels.recurrence_path("sequence"), mtl_kernels.tensor_cores("off"):
+                    t_fma = median_time(fns[1], device, warmup, repeats, min_time)
             if grouped_path == "per_step":
                 t_step = t_grouped
             else:
@@ -121,6 +150,7 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="s
                       "batched_ms": t_batched * 1e3, "speedup_vs_loop": t_loop / t_grouped,
                       "grouped_over_batched": t_grouped / t_batched}
         row[label].update({"per_step_ms": t_step * 1e3, "per_step_speedup_vs_loop": t_loop / t_step})
+        row[label]["fma_ms"] = t_fma * 1e3 if t_fma is not None else None
     return row
 
 
@@ -132,56 +162,119 @@ def copy_bandwidth(device):
     return 2 * src.numel() * 4 / t
 
 
+def _clock_hz(p):
+    return getattr(p, "clock_rate", 0) * 1e3 or 1.98e9  # clock_rate is in kHz where torch has it
+
+
 def fp32_fma_peak(device):
     """FP32 FLOP/s of the CUDA cores: SMs x 128 lanes x 2 x the SM clock (sm_80+: 128 FP32 lanes per SM)."""
     p = torch.cuda.get_device_properties(device)
-    clock_hz = getattr(p, "clock_rate", 0) * 1e3 or 1.98e9  # clock_rate is in kHz where torch has it
-    return p.multi_processor_count * 128 * 2 * clock_hz
+    return p.multi_processor_count * 128 * 2 * _clock_hz(p)
 
 
-def step_overhead_seconds(device, dtype, H, warmup, repeats, min_time, cell="lstm"):
+# Dense tensor-core FLOPs per clock per SM (mma: 2 per multiply-add), by compute capability:
+# H100 (sm_90): 989 TFLOP/s bf16/fp16 and 495 TF32 at 1.83 GHz over 132 SMs; A100 (sm_80): 312 and
+# 156 at 1.41 GHz over 108 SMs; the other sm_8x parts have half of the A100's.
+TC_FLOPS_PER_CLK_SM = {(9, 0): {"16": 4096, "tf32": 2048}, (8, 0): {"16": 2048, "tf32": 1024}}
+
+
+def tensor_core_peak(device, dtype):
+    """Dense tensor-core FLOP/s for dtype's mma (bf16 / fp16; TF32 for fp32): SMs x clock x the
+    per-SM rate of the compute capability (mma.sync reaches part of it on Hopper, whose full rate
+    needs wgmma)."""
+    p = torch.cuda.get_device_properties(device)
+    rates = TC_FLOPS_PER_CLK_SM.get((p.major, p.minor)) or \
+        ({"16": 1024, "tf32": 512} if p.major == 8 else TC_FLOPS_PER_CLK_SM[(9, 0)])
+    rate = rates["tf32" if dtype == torch.float32 else "16"]
+    return p.multi_processor_count * rate * _clock_hz(p)
+
+
+def step_overhead_seconds(device, dtype, H, warmup, repeats, min_time, cell="lstm", tc_mode="auto"):
     """Per-step cost of the persistent forward at minimal work (G=1, B=1): (time at T=513 - time
-    at T=1) / 512. H=64 runs as one block (no inter-block barrier); H=256 as several slices (8 of
-    32 units for the LSTM in fp32, 4 for the GRU, 2 for the RNN: one barrier per step among them)."""
+    at T=1) / 512, with tensor cores `tc_mode`, and the variant that ran it (ran_path's forward
+    code: T, Q or S). H=64 runs as one block (no inter-block barrier); H=256 as several slices where
+    W_hh does not fit one block (on FMAs in fp32: 8 of 32 units for the LSTM, 4 for the GRU, 2 for
+    the RNN; on tensor cores 4 of 64 units for every cell: one barrier per step among them)."""
     m = GroupedRNNBase.from_modules([torch_module(cell, 1, H)]).to(device, dtype)
     times = []
-    with torch.no_grad(), mtl_kernels.recurrence_path("sequence"):
+    with torch.no_grad(), mtl_kernels.recurrence_path("sequence"), mtl_kernels.tensor_cores(tc_mode):
+        variant = ran_path(lambda: m(torch.randn(2, 1, 1, device=device, dtype=dtype)), device)[0]
         for T in (1, 513):
             x = torch.randn(T, 1, 1, device=device, dtype=dtype)
             times.append(median_time(lambda: m(x), device, warmup, repeats, min_time))
-    return (times[1] - times[0]) / 512
+    return (times[1] - times[0]) / 512, variant
 
 
 def print_floor_table(rows, device, dtype, args):
     bw, peak = copy_bandwidth(device), fp32_fma_peak(device)
     cell, K = args.cell, GATES[args.cell]
-    solo = step_overhead_seconds(device, dtype, 64, args.warmup, args.repeats, args.min_time, cell)
-    barrier = step_overhead_seconds(device, dtype, 256, args.warmup, args.repeats, args.min_time, cell)
+    tc_peak = tensor_core_peak(device, dtype) if dtype != torch.float64 else None
     elem = torch.empty((), dtype=dtype).element_size()
-    barrier_slices = _C.persistent_plan(1, 1, 256, elem, False, *device_limits(device), K)["slices"]
+    limits = device_limits(device)
+
+    def slices_of(tc, G, B, H):
+        if tc:
+            mk = 8 if dtype == torch.float32 else 16
+            return _C.persistent_mma_plan(G, B, H, elem, False, *limits, K, mk)["slices"]
+        return _C.persistent_plan(G, B, H, elem, False, *limits, K)["slices"]
+
+    overhead = {}  # (tensor-core mode, H) -> (seconds per step at minimal work, variant that ran)
+    modes = ["auto"] + (["off"] if any(r.get("path_fma") for r in rows) else [])
+    for mode in modes:
+        for H in (64, 256):
+            overhead[mode, H] = step_overhead_seconds(device, dtype, H, args.warmup, args.repeats,
+                                                      args.min_time, cell, mode)
+
+    def describe_overhead(mode):
+        (solo, v64), (barrier, v256) = overhead[mode, 64], overhead[mode, 256]
+        n = slices_of(v256 == "T", 1, 1, 256)
+        return (f"tensor cores {mode}: {solo * 1e6:.2f} us ({v64}, H=64: one block per group), "
+                f"{barrier * 1e6:.2f} us ({v256}, H=256: " + (f"{n} slices + barrier)" if n > 1 else "one block)"))
     print(f"\n# persistent forward per step vs its floor ({cell}): copy bw {bw / 1e9:.0f} GB/s, FP32 FMA "
-          f"peak {peak / 1e12:.1f} TFLOP/s, step overhead {solo * 1e6:.2f} us (one block per group), "
-          f"{barrier * 1e6:.2f} us ({barrier_slices} slices + barrier)")
+          f"peak {peak / 1e12:.1f} TFLOP/s, tensor-core peak {(tc_peak or 0) / 1e12:.0f} TFLOP/s "
+          f"({'TF32' if dtype == torch.float32 else dtype}); step overhead "
+          + "; ".join(describe_overhead(m) for m in modes))
     hdr = (f"{'config':<14}{'path':>5}{'slices':>7} | {'fwd us/step':>11}{'flops floor':>12}{'overhd':>9}"
-           f"{'floor':>8}{'x floor':>8} | {'W_hh us/step @bw':>16}")
+           f"{'floor':>8}{'x floor':>8} | {'FMA us/step':>11}{'floor':>8}{'x floor':>8} | "
+           f"{'W_hh us/step @bw':>16}")
     print(hdr)
     print("-" * len(hdr))
+    result = {"copy_bw_Bps": bw, "fp32_peak_flops": peak, "tensor_core_peak_flops": tc_peak,
+              "step_overhead_s": overhead["auto", 64][0],
+              "step_overhead_barrier_s": overhead["auto", 256][0],
+              "step_overhead_variants": [overhead["auto", 64][1], overhead["auto", 256][1]]}
+    if "off" in modes:
+        result.update({"fma_step_overhead_s": overhead["off", 64][0],
+                       "fma_step_overhead_barrier_s": overhead["off", 256][0]})
+
+    def floor_of(tc, G, B, H):
+        flops = 2 * G * B * K * H * H / (tc_peak if tc else peak)
+        slices = slices_of(tc, G, B, H)
+        Hx = 64 if slices == 1 else 256
+        # the overhead measured on the same variant where there is one
+        same = [m for m in modes if (overhead[m, Hx][1] == "T") == tc]
+        over = overhead[same[0] if same else "auto", Hx][0]
+        return flops, over, max(flops, over), slices
+
     for r in rows:
         G, B, T, H = r["G"], r["B"], r["T"], r["H"]
         step = r["fwd"]["grouped_ms"] * 1e-3 / T
-        flops = 2 * G * B * K * H * H / peak
-        plan = _C.persistent_plan(G, B, H, elem, False, *device_limits(device), K)
-        overhead = solo if plan["slices"] == 1 else barrier
-        floor = max(flops, overhead)
+        tc = r.get("path", "").startswith("T")
+        flops, over, floor, slices = floor_of(tc, G, B, H)
         w_bytes = G * K * H * H * elem / bw
-        r["floor"] = {"fwd_step_us": step * 1e6, "flops_floor_us": flops * 1e6, "overhead_us": overhead * 1e6,
-                      "slices": plan["slices"],
+        r["floor"] = {"fwd_step_us": step * 1e6, "flops_floor_us": flops * 1e6, "overhead_us": over * 1e6,
+                      "slices": slices, "peak": "tensor cores" if tc else "fp32 fma",
                       "floor_us": floor * 1e6, "w_hh_us_at_bw": w_bytes * 1e6}
-        print(f"{r['config']:<14}{r.get('path', '-'):>5}{plan['slices']:>7} | {step * 1e6:>11.2f}"
-              f"{flops * 1e6:>12.2f}{overhead * 1e6:>9.2f}{floor * 1e6:>8.2f}{step / floor:>7.1f}x | "
-              f"{w_bytes * 1e6:>16.2f}")
-    return {"copy_bw_Bps": bw, "fp32_peak_flops": peak, "step_overhead_s": solo,
-            "step_overhead_barrier_s": barrier}
+        fma_cols = f"{'-':>11}{'-':>8}{'-':>8}"
+        if r["fwd"].get("fma_ms") is not None:
+            fma_step = r["fwd"]["fma_ms"] * 1e-3 / T
+            _, _, fma_floor, _ = floor_of(False, G, B, H)
+            r["floor"].update({"fma_fwd_step_us": fma_step * 1e6, "fma_floor_us": fma_floor * 1e6})
+            fma_cols = f"{fma_step * 1e6:>11.2f}{fma_floor * 1e6:>8.2f}{fma_step / fma_floor:>7.1f}x"
+        print(f"{r['config']:<14}{r.get('path', '-'):>5}{slices:>7} | {step * 1e6:>11.2f}"
+              f"{flops * 1e6:>12.2f}{over * 1e6:>9.2f}{floor * 1e6:>8.2f}{step / floor:>7.1f}x | "
+              f"{fma_cols} | {w_bytes * 1e6:>16.2f}")
+    return result
 
 
 def device_limits(device):
@@ -204,8 +297,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--min-time", type=float, default=0.5, help="seconds to keep timing small cases")
     ap.add_argument("--tf32", action="store_true", help="allow TF32 (cuDNN and cuBLAS) on CUDA")
-    ap.add_argument("--grouped-path", default="sequence", choices=["sequence", "per_step"],
-                    help="the path of the 'grouped' column (per_step: skip the whole-sequence kernels)")
+    ap.add_argument("--grouped-path", default="auto", choices=["auto", "sequence", "per_step"],
+                    help="the path of the 'grouped' column (auto: the default users get; sequence: the "
+                         "whole-sequence kernels wherever they run; per_step: skip them)")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -228,8 +322,9 @@ def main():
     print(f"# {grouped_name} benchmark: {env}")
     cuda = device.type == "cuda"
     print(f"# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.{torch_name} over G*B); "
-          "grouped = whole-sequence kernel where it applies (path Q/S fwd/bwd), per-step = the per-step path")
-    step_hdr = f"{'per-step':>9}{'spd':>7}"
+          f"grouped = the {args.grouped_path} path (path fwd/bwd: T tensor cores, Q whole sequence without them, "
+          "S per step), FMA = the sequence path with tensor cores off (where they ran), per-step = the per-step path")
+    step_hdr = f"{'FMA':>9}{'per-step':>9}{'spd':>7}"
     hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5}{'path':>5} | "
            f"{'fwd loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr} | "
            f"{'f+b loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr}")
@@ -245,7 +340,8 @@ def main():
             os.replace(tmp, args.json)
 
     def step_cols(d):
-        return f"{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
+        fma = f"{d['fma_ms']:>9.3f}" if d.get("fma_ms") is not None else f"{'-':>9}"
+        return f"{fma}{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
 
     for n in names:
         r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time, args.grouped_path,

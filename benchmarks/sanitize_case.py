@@ -9,9 +9,12 @@ Modes (default: per_step sequence):
                         bf16; then branch attention.
   sequence-min          one small case per cell (lstm, gru, rnn_tanh, rnn_relu) and per direction of
                         the pass: the persistent forward kernel, then the persistent backward
-                        kernel, G=2, T=5, B=3, H=300 fp32 (several slices per group: the barrier;
-                        10 for the LSTM), lengths; exits 2 if any ran per step (then the sanitizer
-                        checked the wrong kernel).
+                        kernel, G=2, T=5, B=3, H=300 fp32 on the FMA variant (several slices per
+                        group: the barrier; 10 for the LSTM), lengths; exits 2 if any ran per step
+                        (then the sanitizer checked the wrong kernel). Then the same per cell in
+                        bf16 on the tensor-core variant (B=19, H=300: 5 slices of 64 units on an
+                        H100, a narrower last one, k padding; two tiles of rows); exits 3 if one
+                        did not run there.
 
   python benchmarks/sanitize_case.py [per_step] [sequence] [sequence-min] [--device cuda|cpu]
 
@@ -64,21 +67,22 @@ def every_kernel(path, device):
     print(path, {k: after[k] - before[k] for k in after}, flush=True)
 
 
-def sequence_min(device, cell):
+def sequence_min(device, cell, dtype=torch.float32, B=3):
     """The persistent forward kernel, then the persistent backward kernel, on one small case of
-    this cell with several slices per group. Returns the path counts and whether every result is
-    finite."""
-    G, T, B, C, H = 2, 5, 3, 4, 300
+    this cell with several slices per group (fp32: the FMA variant; bf16: the tensor-core variant
+    where it runs). Returns the path counts, with the tensor-core launches as "forward_tensor_cores"
+    and "backward_tensor_cores", and whether every result is finite."""
+    G, T, C, H = 2, 5, 4, 300
     K = GATES[cell]
     g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g).to(device)  # noqa: E731
+    r = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
     x, w_ih, w_hh, b = r(G, T, B, C), r(G, K * H, C) * 0.1, r(G, K * H, H) * H ** -0.5, r(G, K * H)
     b_hh = r(G, K * H) if cell == "gru" else None
     h0 = r(G, B, H)
     c0 = r(G, B, H) if cell == "lstm" else None
-    lengths = torch.tensor([5, 2, 4], device=device)
+    lengths = torch.tensor(([5, 2, 4] * B)[:B], device=device)
     grads = r(G, T, B, H), r(G, B, H), (r(G, B, H) if cell == "lstm" else None)
-    before = mtl_kernels.path_counts()
+    before, tc_before = mtl_kernels.path_counts(), mtl_kernels.tensor_core_counts()
     with mtl_kernels.recurrence_path("sequence"):
         fwd = ops.grouped_recurrence_forward(cell, x, w_ih, w_hh, b, b_hh, None, h0, c0, lengths, False)
         _sync(device)
@@ -86,10 +90,11 @@ def sequence_min(device, cell):
         bwd = ops.grouped_recurrence_backward(cell, *grads, x, w_ih, w_hh, None, *fwd[3:], lengths, False)
         _sync(device)
         print(f"{cell}: persistent backward ran", flush=True)
-    after = mtl_kernels.path_counts()
+    after, tc_after = mtl_kernels.path_counts(), mtl_kernels.tensor_core_counts()
     ran = {k: after[k] - before[k] for k in after}
+    ran.update({f"{k}_tensor_cores": tc_after[k] - tc_before[k] for k in tc_after})
     finite = all(bool(torch.isfinite(t).all()) for t in (*fwd, *bwd) if t is not None)
-    print(f"sequence-min {cell}", ran, "all finite" if finite else "NON-FINITE RESULTS", flush=True)
+    print(f"sequence-min {cell} {dtype}", ran, "all finite" if finite else "NON-FINITE RESULTS", flush=True)
     return ran, finite
 
 
@@ -130,6 +135,17 @@ def main():
                 print(f"sequence-min {cell}: a direction ran per step, so the sanitizer did not check "
                       "the persistent kernel there")
                 status = 2
+        with mtl_kernels.tensor_cores("auto"):  # the tensor-core variant, bf16
+            for cell in CELLS:
+                ran, finite = sequence_min(device, cell, torch.bfloat16, B=19)
+                tc = (ran["forward_tensor_cores"], ran["backward_tensor_cores"])
+                print(f"sequence-min {cell} bf16: tensor-core launches (forward, backward)", tc, flush=True)
+                if not finite:
+                    status = max(status, 1)
+                if device.type == "cuda" and tc != (1, 1):
+                    print(f"sequence-min {cell}: bf16 did not run on the tensor-core variant, so the "
+                          "sanitizer did not check it")
+                    status = status or 3
     print("sanitize case ran")
     sys.exit(status)
 

@@ -10,9 +10,11 @@
 #include <torch/library.h>
 
 #include <string>
+#include <vector>
 
 #include "recurrence/driver.h"
 #include "recurrence/persistent.h"
+#include "recurrence/persistent_mma.h"
 #include "recurrence/registration.h"
 
 TORCH_LIBRARY(mtl_kernels, m) {
@@ -105,6 +107,23 @@ TORCH_LIBRARY(mtl_kernels, m) {
       "Tensor? grad_c_n, Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
       "Tensor gates, Tensor h_states, Tensor aux, Tensor? lengths, bool reverse, int units, "
       "int tile_rows, int threads_y, int chunk) -> "
+      "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
+      "Tensor grad_bias_hh, Tensor grad_weight_hr, Tensor grad_h0, Tensor grad_c0)");
+  // The same for the tensor-core variant (recurrence/persistent_mma.h): units per block (<= 64,
+  // warps = ceil(units / 8)), tile_rows (<= 64, m-tiles of 16), reg_ktiles (k-tiles of W_hh
+  // fragments in registers, the rest in shared memory; -1: as many as the registers hold), mma_k
+  // (16: m16n8k16 for bf16 / fp16, 8: m16n8k8 with TF32 rounding for fp32; fp64 runs either
+  // exactly); backward chunk: k-tiles of drec per shared-memory fill (0: all).
+  m.def(
+      "_grouped_recurrence_forward_emulated_mma(str cell, Tensor input, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, "
+      "Tensor? lengths, bool reverse, int units, int tile_rows, int reg_ktiles, int mma_k) -> "
+      "(Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor h_states, Tensor aux)");
+  m.def(
+      "_grouped_recurrence_backward_emulated_mma(str cell, Tensor grad_output, Tensor grad_h_n, "
+      "Tensor? grad_c_n, Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
+      "Tensor gates, Tensor h_states, Tensor aux, Tensor? lengths, bool reverse, int units, "
+      "int tile_rows, int reg_ktiles, int mma_k, int chunk=0) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_bias_hh, Tensor grad_weight_hr, Tensor grad_h0, Tensor grad_c0)");
 
@@ -326,6 +345,127 @@ PyObject* py_reset_tuned_paths(PyObject*, PyObject*) {
   Py_RETURN_NONE;
 }
 
+// _C.persistent_mma_plan(G, B, H, elem_bytes, backward, num_sms, smem_per_block, smem_per_sm,
+//                        max_threads_per_sm, max_threads_per_block, gates=4, mma_k=16) -> dict:
+// the tensor-core variant's plan (persistent_mma.h) for these sizes and limits.
+PyObject* py_persistent_mma_plan(PyObject*, PyObject* args) {
+  long long G, B, H, elem_bytes, sms, smem_block, smem_sm, threads_sm, threads_block, gates = 4,
+                                                                                     mma_k = 16;
+  int backward;
+  if (!PyArg_ParseTuple(args, "LLLLpLLLLL|LL", &G, &B, &H, &elem_bytes, &backward, &sms,
+                        &smem_block, &smem_sm, &threads_sm, &threads_block, &gates, &mma_k))
+    return nullptr;
+  if (G < 1 || B < 1 || H < 1 || elem_bytes < 1 || sms < 1 || threads_block < 1 || gates < 1 ||
+      (mma_k != 8 && mma_k != 16)) {
+    PyErr_SetString(PyExc_ValueError,
+                    "persistent_mma_plan: sizes and limits must be positive, mma_k 16 or 8");
+    return nullptr;
+  }
+  const PersistentLimits lim{sms, smem_block, smem_sm, threads_sm, threads_block};
+  const MmaPlan p = persistent_mma_plan(gates, G, B, H, elem_bytes, mma_k, backward != 0, lim);
+  return Py_BuildValue(
+      "{s:O,s:s,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L,s:L}", "fits",
+      p.fits ? Py_True : Py_False, "reason", p.reason, "gates", (long long)gates, "mma_k",
+      (long long)p.mma_k, "units", (long long)p.units, "warps", (long long)p.warps, "slices",
+      (long long)p.slices, "tile_rows", (long long)p.tile_rows, "tiles", (long long)p.tiles,
+      "mtiles", (long long)p.mtiles, "ktiles", (long long)p.ktiles, "reg_ktiles",
+      (long long)p.reg_ktiles, "chunk_ktiles", (long long)p.chunk_ktiles, "tile_stride",
+      (long long)p.tile_stride, "threads",
+      (long long)p.threads(), "smem_bytes", (long long)p.smem_bytes(elem_bytes), "w_smem_bytes",
+      (long long)(p.w_smem_elems * elem_bytes), "state_bytes",
+      (long long)(p.state_arrays * p.state_elems * 4), "blocks", (long long)p.blocks, "blocks_per_sm",
+      (long long)p.blocks_per_sm);
+}
+
+// _C.mma_fragment_map(mma_k, operand) -> [(lane, element, row, col)]: which lane holds which
+// element of A (16 x kK), B (kK x 8, as (k, n)) or C (16 x 8) of an mma (persistent_mma.h's
+// MmaLayout); operand "a", "b", "c", or "ldmatrix": A as the emulated ldmatrix.x4 loads it from a
+// tile through the kernels' row addresses (at row 16, column kK of a padded 32 x 3kK tile; the
+// coordinates relative to that corner).
+PyObject* py_mma_fragment_map(PyObject*, PyObject* args) {
+  long long mma_k;
+  const char* operand;
+  if (!PyArg_ParseTuple(args, "Ls", &mma_k, &operand)) return nullptr;
+  const std::string op(operand);
+  if ((mma_k != 8 && mma_k != 16) || (op != "a" && op != "b" && op != "c" && op != "ldmatrix")) {
+    PyErr_SetString(PyExc_ValueError, "mma_fragment_map: mma_k 16 or 8; operand a, b, c or ldmatrix");
+    return nullptr;
+  }
+  PyObject* out = PyList_New(0);
+  auto add = [&](int lane, int e, int r, int c) {
+    PyObject* t = Py_BuildValue("(iiii)", lane, e, r, c);
+    PyList_Append(out, t);
+    Py_DECREF(t);
+  };
+  auto run = [&](auto layout) {
+    using L = decltype(layout);
+    for (int lane = 0; lane < 32; ++lane) {
+      const int n = op == "b" ? L::kB : op == "c" ? L::kC : L::kA;
+      for (int e = 0; e < n; ++e) {
+        int r = 0, c = 0;
+        if (op == "a") L::a_coord(lane, e, r, c);
+        if (op == "b") L::b_coord(lane, e, r, c);
+        if (op == "c") L::c_coord(lane, e, r, c);
+        if (op != "ldmatrix") add(lane, e, r, c);
+      }
+    }
+    if (op == "ldmatrix") {  // a tile whose element (r, c) holds r * 1000 + c
+      const int stride = 3 * L::kK + L::kK / 2;
+      std::vector<float> tile(32 * stride);
+      for (int r = 0; r < 32; ++r)
+        for (int c = 0; c < stride; ++c) tile[r * stride + c] = float(r * 1000 + c);
+      Lanes<Frag<float, L::kA>, 32> a;
+      HostWarp::load_a<L>(a, tile.data(), stride, 16, L::kK);
+      for (int lane = 0; lane < 32; ++lane)
+        for (int e = 0; e < L::kA; ++e) {
+          const int v = int(a[lane].e[e]);
+          add(lane, e, v / 1000 - 16, v % 1000 - L::kK);
+        }
+    }
+  };
+  if (mma_k == 16) {
+    run(MmaLayout<16>());
+  } else {
+    run(MmaLayout<8>());
+  }
+  return out;
+}
+
+// _C.set_tensor_cores(mode) -> previous; mode "auto" or "off" (the persistent kernel's
+// tensor-core variant). _C.get_tensor_cores(); _C.tensor_core_counts() -> (forward, backward).
+PyObject* py_set_tensor_cores(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  MmaMode mode, old;
+  try {
+    mode = parse_mma_mode(name);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+  try {
+    old = mma_mode();
+  } catch (const c10::Error&) {
+    old = MmaMode::kAuto;  // an invalid environment value is replaced
+  }
+  set_mma_mode(mode);
+  return PyUnicode_FromString(mma_mode_name(old));
+}
+
+PyObject* py_get_tensor_cores(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(mma_mode_name(mma_mode()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
+  }
+}
+
+PyObject* py_tensor_core_counts(PyObject*, PyObject*) {
+  const TensorCoreCounts c = tensor_core_counts();
+  return Py_BuildValue("(LL)", (long long)c.forward, (long long)c.backward);
+}
+
 // _C._set_inference_chunk_bytes(n): the inference forward's input-projection chunk (a test hook).
 PyObject* py_set_inference_chunk_bytes(PyObject*, PyObject* args) {
   long long n;
@@ -342,6 +482,15 @@ PyMethodDef module_methods[] = {
     {"persistent_plan", py_persistent_plan, METH_VARARGS, "the persistent kernel's plan"},
     {"tuned_paths", py_tuned_paths, METH_NOARGS, "the CPU auto path's choices per shape"},
     {"_reset_tuned_paths", py_reset_tuned_paths, METH_NOARGS, "forget the CPU auto choices"},
+    {"persistent_mma_plan", py_persistent_mma_plan, METH_VARARGS,
+     "the persistent kernel's tensor-core plan"},
+    {"mma_fragment_map", py_mma_fragment_map, METH_VARARGS,
+     "which lane holds which element of an mma fragment"},
+    {"set_tensor_cores", py_set_tensor_cores, METH_VARARGS,
+     "the persistent kernel's tensor-core variant: auto or off; returns the previous mode"},
+    {"get_tensor_cores", py_get_tensor_cores, METH_NOARGS, "the tensor-core mode"},
+    {"tensor_core_counts", py_tensor_core_counts, METH_NOARGS,
+     "persistent launches on the tensor-core variant since import (forward, backward)"},
     {"_set_inference_chunk_bytes", py_set_inference_chunk_bytes, METH_VARARGS,
      "the inference forward's chunk size in bytes (a test hook)"},
     {nullptr, nullptr, 0, nullptr}};

@@ -86,6 +86,22 @@ def _recurrence_backward_emulated_fake(cell, grad_output, grad_h_n, grad_c_n, in
                                      weight_hh, weight_hr, gates, h_states, aux, lengths, reverse)
 
 
+@torch.library.register_fake("mtl_kernels::_grouped_recurrence_forward_emulated_mma")
+def _recurrence_forward_emulated_mma_fake(cell, input, weight_ih, weight_hh, bias, bias_hh,
+                                          weight_hr, h0, c0, lengths, reverse, units, tile_rows,
+                                          reg_ktiles, mma_k):
+    return _recurrence_forward_fake(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0,
+                                    c0, lengths, reverse)
+
+
+@torch.library.register_fake("mtl_kernels::_grouped_recurrence_backward_emulated_mma")
+def _recurrence_backward_emulated_mma_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                           weight_hh, weight_hr, gates, h_states, aux, lengths,
+                                           reverse, units, tile_rows, reg_ktiles, mma_k, chunk=0):
+    return _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                     weight_hh, weight_hr, gates, h_states, aux, lengths, reverse)
+
+
 def recurrence_layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                      bias: Optional[Tensor], bias_hh: Optional[Tensor], h0: Tensor,
                      c0: Optional[Tensor], lengths: Optional[Tensor] = None,

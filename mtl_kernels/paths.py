@@ -4,6 +4,7 @@ import contextlib
 from . import _C
 
 PATHS = ("auto", "sequence", "per_step")
+TENSOR_CORE_MODES = ("auto", "off")
 
 
 @contextlib.contextmanager
@@ -45,3 +46,31 @@ def path_counts() -> dict:
     fs, fp, bs, bp = _C.path_counts()
     return {"forward_sequence": fs, "forward_per_step": fp, "backward_sequence": bs,
             "backward_per_step": bp}
+
+
+@contextlib.contextmanager
+def tensor_cores(mode: str):
+    """Whether the GPU's persistent kernel (the sequence path) may run its tensor-core variant,
+    within a ``with`` block.
+
+    ``"auto"`` (the default): the recurrent products run on tensor cores (mma.sync, fp32
+    accumulation) for bfloat16 and float16, and for float32 where the user allows TF32 for matmuls
+    (``torch.backends.cuda.matmul.allow_tf32`` / ``torch.set_float32_matmul_precision("high")``),
+    wherever that variant's plan fits; else the FP32-FMA variant. ``"off"``: always the FMA variant.
+    One process-wide atomic setting (``mtl_kernels._C.set_tensor_cores``); its default comes from
+    the environment variable ``MTL_KERNELS_MMA``, read once.
+    """
+    if mode not in TENSOR_CORE_MODES:
+        raise ValueError(f"tensor_cores must be one of {TENSOR_CORE_MODES}, got {mode!r}")
+    old = _C.set_tensor_cores(mode)
+    try:
+        yield
+    finally:
+        _C.set_tensor_cores(old)
+
+
+def tensor_core_counts() -> dict:
+    """How many persistent-kernel launches ran the tensor-core variant since import (each is also
+    counted as a sequence-path run by :func:`path_counts`): ``{"forward", "backward"}``."""
+    f, b = _C.tensor_core_counts()
+    return {"forward": f, "backward": b}

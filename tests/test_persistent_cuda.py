@@ -6,9 +6,16 @@ The real kernel against the per-step path in fp64, both directions, every cell; 
 precision against fp64 on the same rounded inputs, every cell; bit-for-bit determinism with one
 slice per group and with several (the inter-block barrier), LSTM and GRU; several slices per group,
 every cell; a long LSTM sequence (T = 1000) across the barrier; randomized sizes around the fit
-limits, every cell; the fallback when the plan cannot fit, every cell. benchmarks/device_check.sh
-runs this file first and alone.
+limits, every cell; the fallback when the plan cannot fit, every cell. These run the FMA variant of
+the kernel (fp32 and fp64 always; the half types with mtl_kernels.tensor_cores("off")).
+
+The tensor-core variant (persistent_mma.h, cuda_persistent_mma.cu): bf16 / fp16 against fp64,
+every cell; fp32 on tensor cores (TF32) only where TF32 is allowed (LSTM, GRU); the switch
+(tensor_cores("off") runs the FMA variant), every cell; determinism (LSTM, GRU); a long sequence
+(T = 300) across the barrier and the chunked TF32 backward (LSTM). benchmarks/device_check.sh runs
+this file first and alone.
 """
+import contextlib
 import random
 
 import pytest
@@ -69,17 +76,35 @@ def _plan(cell, G, B, H, dtype, backward):
     return _C.persistent_plan(G, B, H, elem, backward, *_device_limits(), GATES[cell])
 
 
-def _run(cell, path, args, grads, reverse=False):
-    """Forward and backward ops on one recurrence path; returns (forward results, backward
-    results, how many recurrences ran each way)."""
-    before = mtl_kernels.path_counts()
-    with mtl_kernels.recurrence_path(path):
+def _mma_plan(cell, G, B, H, dtype, backward):
+    """The tensor-core variant's plan (mma k: 8 for fp32 as TF32, 16 for bf16 / fp16)."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return _C.persistent_mma_plan(G, B, H, elem, backward, *_device_limits(), GATES[cell],
+                                  8 if dtype == torch.float32 else 16)
+
+
+def _run(cell, path, args, grads, reverse=False, tensor_cores=None):
+    """Forward and backward ops on one recurrence path, with mtl_kernels.tensor_cores(tensor_cores)
+    where given (None: the switch as it is); returns (forward results, backward results, how many
+    recurrences ran each way: path_counts()'s keys, and "forward_tensor_cores" and
+    "backward_tensor_cores", the persistent launches on the tensor-core variant, which also count
+    as sequence runs)."""
+    before, tc_before = mtl_kernels.path_counts(), mtl_kernels.tensor_core_counts()
+    switch = mtl_kernels.tensor_cores(tensor_cores) if tensor_cores else contextlib.nullcontext()
+    with mtl_kernels.recurrence_path(path), switch:
         fwd = ops.grouped_recurrence_forward(cell, *args, reverse)
         bwd = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, fwd, reverse))
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    after = mtl_kernels.path_counts()
-    return fwd, bwd, {k: after[k] - before[k] for k in after}
+    after, tc_after = mtl_kernels.path_counts(), mtl_kernels.tensor_core_counts()
+    ran = {k: after[k] - before[k] for k in after}
+    ran.update({f"{k}_tensor_cores": tc_after[k] - tc_before[k] for k in tc_after})
+    return fwd, bwd, ran
+
+
+def _tc(ran):
+    """(forward, backward) launches of the tensor-core variant in _run's counts."""
+    return ran["forward_tensor_cores"], ran["backward_tensor_cores"]
 
 
 def _run_case(cell, path, G, T, B, C, H, dtype, shared=True, bias=True, lengths=True,
@@ -110,13 +135,15 @@ def test_cuda_persistent_half_and_single(cell, dtype):
     test in test_persistent.py): every forward and backward result of the persistent kernel is as
     accurate as the per-step path in the same dtype (within 1.5x its error), or within `limit`
     (fp32 1e-5, the README's fp32 target; bf16/fp16 1e-2). An elementwise check against fp64 from
-    unrounded inputs fails on input rounding alone."""
+    unrounded inputs fails on input rounding alone. The FMA variant (tensor cores off; the
+    tensor-core variant's test is test_cuda_mma_half_matches_fp64)."""
     G, T, B, C, H = 32, 16, 16, 64, 64
     args, grads = _case(cell, G, T, B, C, H, dtype, shared=False)
     truth_f, truth_b, _ = _run(cell, "per_step", upcast(args), upcast(grads))
     ref_f, ref_b, _ = _run(cell, "per_step", args, grads)
-    got_f, got_b, ran = _run(cell, SEQ, args, grads)
+    got_f, got_b, ran = _run(cell, SEQ, args, grads, tensor_cores="off")
     assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
+    assert _tc(ran) == (0, 0)
     assert got_f[5].dtype == torch.float32  # fp32 aux (the LSTM's cell state), also for the half types
     limit = 1e-5 if dtype == torch.float32 else 1e-2
     _assert_as_accurate(got_f, ref_f, truth_f, limit, "forward")
@@ -239,3 +266,106 @@ def test_cuda_persistent_long_sequence_across_the_barrier():
             _run("lstm", "per_step", args64, grads64, reverse)
         assert_all_close(fwd, ref_f, rtol=1e-10, atol=1e-10)
         assert_all_close(bwd, ref_b, rtol=1e-10, atol=1e-10)
+
+
+# ---- the tensor-core variant (persistent_mma.h, cuda_persistent_mma.cu) ------------------------
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("G,T,B,C,H,reverse", [(3, 7, 21, 8, 40, False), (8, 5, 64, 16, 256, True),
+                                               (2, 4, 5, 3, 300, False)])
+def test_cuda_mma_half_matches_fp64(cell, dtype, G, T, B, C, H, reverse):
+    """bf16 / fp16 on tensor cores (every cell; one slice, and several with the barrier; tiles of
+    16 rows and a partial one; H = 300: units and k padding), forward and backward, against fp64 on
+    the same rounded inputs by norm-relative error: within 1.5x the per-step path's error in the
+    same dtype, or 1e-2."""
+    args, grads = _case(cell, G, T, B, C, H, dtype, shared=False)
+    fwd, bwd, ran = _run(cell, SEQ, args, grads, reverse, tensor_cores="auto")
+    want = (int(_mma_plan(cell, G, B, H, dtype, False)["fits"]),
+            int(_mma_plan(cell, G, B, H, dtype, True)["fits"]))
+    assert _tc(ran) == want, (ran, want)  # every fitting plan ran on tensor cores
+    assert ran["forward_tensor_cores"] <= ran["forward_sequence"]
+    assert ran["backward_tensor_cores"] <= ran["backward_sequence"]
+    truth_f, truth_b, _ = _run(cell, "per_step", upcast(args), upcast(grads), reverse)
+    ref_f, ref_b, _ = _run(cell, "per_step", args, grads, reverse)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, f"{cell} forward")
+    _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, f"{cell} backward")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cuda_mma_tf32_only_when_allowed(cell):
+    """fp32 runs on tensor cores (TF32 operands) only where TF32 is allowed for matmuls; then its
+    error against fp64 is TF32's (<= 1e-2), and without it the FMA variant runs (fp32: <= 1e-5)."""
+    G, T, B, C, H = 4, 6, 32, 8, 128
+    args, grads = _case(cell, G, T, B, C, H, torch.float32, shared=False)
+    truth_f, truth_b, _ = _run(cell, "per_step", upcast(args), upcast(grads))
+    ref_f, ref_b, _ = _run(cell, "per_step", args, grads)
+    assert not torch.backends.cuda.matmul.allow_tf32  # conftest: strict fp32 by default
+    fwd, bwd, ran = _run(cell, SEQ, args, grads, tensor_cores="auto")
+    assert _tc(ran) == (0, 0)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-5, "fp32 forward")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        fwd, bwd, ran = _run(cell, SEQ, args, grads, tensor_cores="auto")
+        want = (int(_mma_plan(cell, G, B, H, torch.float32, False)["fits"]),
+                int(_mma_plan(cell, G, B, H, torch.float32, True)["fits"]))
+        assert _tc(ran) == want == (1, 1)
+        _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, "tf32 forward")
+        _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, "tf32 backward")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_cuda_mma_switch_off_runs_fma(cell):
+    """tensor_cores("off"): the same sequence path on the FMA variant; the same math summed in
+    another order."""
+    args, grads = _case(cell, 4, 5, 16, 8, 64, torch.bfloat16, shared=False)
+    on_f, on_b, ran_on = _run(cell, SEQ, args, grads, tensor_cores="auto")
+    off_f, off_b, ran_off = _run(cell, SEQ, args, grads, tensor_cores="off")
+    assert _tc(ran_on) == (1, 1) and _tc(ran_off) == (0, 0)
+    for ran in (ran_on, ran_off):
+        assert ran["forward_sequence"] == 1 and ran["backward_sequence"] == 1
+    for a, b in zip(list(on_f) + list(on_b), list(off_f) + list(off_b)):
+        if a is not None and a.numel():
+            assert rel_err(a, b) < 2e-2
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("H", [64, 300])
+def test_cuda_mma_is_deterministic(cell, H):
+    """Three runs bit-for-bit equal on tensor cores (one slice per group; several with the
+    barrier)."""
+    args, grads = _case(cell, 6, 12, 24, 8, H, torch.bfloat16, shared=False, seed=5)
+    runs = [_run(cell, SEQ, args, grads, tensor_cores="auto") for _ in range(3)]
+    assert all(_tc(r[2]) == (1, 1) for r in runs)
+    for fwd, bwd, _ in runs[1:]:
+        _assert_all_equal(fwd, runs[0][0], "forward")
+        _assert_all_equal(bwd, runs[0][1], "backward")
+
+
+def test_cuda_mma_long_sequence_and_chunked_backward():
+    """T = 300 across the barrier (H = 256: 4 slices), bf16, LSTM; and fp32 with TF32 at
+    multitask size, whose backward fills drec in chunks (the planner's choice on an H100/H200)."""
+    args, grads = _case("lstm", 2, 300, 16, 8, 256, torch.bfloat16, shared=False, seed=7,
+                        w_scale=256 ** -0.5)
+    fwd, bwd, ran = _run("lstm", SEQ, args, grads, tensor_cores="auto")
+    assert _tc(ran) == (1, 1)
+    truth_f, truth_b, _ = _run("lstm", "per_step", upcast(args), upcast(grads))
+    ref_f, ref_b, _ = _run("lstm", "per_step", args, grads)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, "forward")
+    _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, "backward")
+    plan = _mma_plan("lstm", 8, 64, 256, torch.float32, True)
+    if not plan["fits"] or plan["chunk_ktiles"] == plan["ktiles"]:
+        pytest.skip(f"this device's plan has no chunked backward: {plan}")
+    args, grads = _case("lstm", 8, 4, 64, 8, 256, torch.float32, shared=False, seed=9,
+                        w_scale=256 ** -0.5)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        fwd, bwd, ran = _run("lstm", SEQ, args, grads, tensor_cores="auto")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    assert _tc(ran) == (1, 1)
+    truth_f, truth_b, _ = _run("lstm", "per_step", upcast(args), upcast(grads))
+    ref_f, ref_b, _ = _run("lstm", "per_step", args, grads)
+    _assert_as_accurate(fwd, ref_f, truth_f, 1e-2, "tf32 forward")
+    _assert_as_accurate(bwd, ref_b, truth_b, 1e-2, "tf32 backward")

@@ -1,8 +1,10 @@
 // The persistent recurrence kernels (the GPU's sequence path): all T steps of one layer and
 // direction, all G groups, one launch each way, for every cell. The work split, shared-memory
 // layouts and per-thread math are in persistent.h (also run on the CPU by persistent_emulate.cpp);
-// this file adds the launch, the per-(group, tile) barrier and the choice between this path and
-// the per-step one.
+// this file adds the launch (cuda_persistent_launch.cuh: the per-(group, tile) barrier and the
+// cooperative launch, shared with the tensor-core variant) and the choice between the two variants
+// and the per-step path: the tensor-core variant (cuda_persistent_mma.cu) first, where it applies
+// and fits, then this FMA one, then per step.
 //
 // Co-residency: every block of a (group, tile) waits for the others each step, so all blocks must
 // be resident at once. The plan sizes the grid from the device's limits, the occupancy API
@@ -12,36 +14,19 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 
-#include <atomic>
-
 #include "cells/cell.h"
 #include "common/dispatch.h"
 #include "recurrence/cuda_persistent.h"
+#include "recurrence/cuda_persistent_launch.cuh"
 #include "recurrence/persistent.h"
 #include "recurrence/raw_views.h"
 
 namespace mtl_kernels {
 namespace {
 
-// Barrier among the `slices` blocks of one (group, tile): a monotonically increasing arrival
-// counter per (group, tile), zeroed before the launch; step s waits for (s + 1) * slices arrivals.
-// The fence before the arrival publishes this block's writes (h_t or drec_t; __syncthreads first
-// gathers them from all its threads); readers then load them with ld.cg (load_shared_state).
-__device__ __forceinline__ void group_barrier(unsigned int* counter, unsigned int target,
-                                              bool alone) {
-  __syncthreads();
-  if (alone) return;  // one slice: the block has all of its group's hidden units
-  if (threadIdx.x == 0 && threadIdx.y == 0) {
-    __threadfence();
-    atomicAdd(counter, 1u);
-    unsigned int seen;
-    do {  // a generic-address acquire load (counter is a generic pointer)
-      asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(seen) : "l"(counter) : "memory");
-    } while (seen < target);
-    __threadfence();
-  }
-  __syncthreads();
-}
+using persistent_cuda::device_limits;
+using persistent_cuda::group_barrier;
+using persistent_cuda::launch_persistent;
 
 template <typename scalar_t>
 __device__ __forceinline__ scalar_t* smem_tile(unsigned char* smem, const PersistentPlan& plan) {
@@ -54,8 +39,8 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
     persistent_forward_kernel(const SequenceForward<scalar_t, acc_t> q, const PersistentPlan plan,
                               unsigned int* counters) {
   extern __shared__ __align__(16) unsigned char smem[];
-  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);  // (H, K, units)
-  scalar_t* h_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, H)
+  scalar_t* w_s = reinterpret_cast<scalar_t*>(smem);  // (H / 4, K, units, 4)
+  scalar_t* h_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, round4(H))
   const PersistentBlock k = persistent_block(plan, q.B, q.H, blockIdx.x);
   const int64_t tx = threadIdx.x, ty = threadIdx.y;
   const int64_t tid = ty * plan.units + tx, nthreads = plan.threads();
@@ -63,6 +48,7 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
   const bool alone = plan.slices == 1;
 
   persistent_fill_weights_forward<Cell::kGates>(w_s, q.weight_hh, k, plan.units, q.H, tid, nthreads);
+  persistent_zero_h_padding(h_s, plan, q.H, tid, nthreads);
   acc_t c[kRows];  // the cell state of the thread's (unit, rows), for the whole sequence
   persistent_forward_init<Cell, kRows>(q, k, plan.threads_y, tx, ty, c);
   for (int64_t s = 0; s < q.T; ++s) {
@@ -79,8 +65,8 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
     persistent_backward_kernel(const SequenceBackward<scalar_t, acc_t> q,
                                const PersistentPlan plan, unsigned int* counters) {
   extern __shared__ __align__(16) unsigned char smem[];
-  scalar_t* wt_s = reinterpret_cast<scalar_t*>(smem);  // (KH, units)
-  scalar_t* dr_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, chunk)
+  scalar_t* wt_s = reinterpret_cast<scalar_t*>(smem);  // (KH / 4, units, 4)
+  scalar_t* dr_s = smem_tile<scalar_t>(smem, plan);    // (tile_rows, round4(chunk))
   const PersistentBlock k = persistent_block(plan, q.B, q.H, blockIdx.x);
   const int64_t tx = threadIdx.x, ty = threadIdx.y;
   const int64_t tid = ty * plan.units + tx, nthreads = plan.threads();
@@ -100,10 +86,10 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
       const int64_t t_prev = backward_time(s - 1, q.T, q.reverse);
       for (int64_t c = 0; c < chunks; ++c) {  // A, a chunk of drec columns at a time
         const int64_t n0 = c * plan.chunk, ncols = chunk_cols(plan, q.H, c);
-        persistent_fill_drec(dr_s, q, k, t_prev, n0, ncols, tid, nthreads);
+        persistent_fill_drec(dr_s, q, k, t_prev, n0, ncols, plan.tile_stride(), tid, nthreads);
         __syncthreads();
-        persistent_recurrent_grad<kRows>(k, plan.units, plan.threads_y, n0, ncols, wt_s, dr_s, tx,
-                                         ty, dh);
+        persistent_recurrent_grad<kRows>(k, plan.units, plan.threads_y, n0, ncols,
+                                         plan.tile_stride(), wt_s, dr_s, tx, ty, dh);
         __syncthreads();  // dr_s is refilled next
       }
     } else {
@@ -117,55 +103,6 @@ __global__ void __launch_bounds__(kPersistentMaxThreads)
                                             dh, tx, ty, dc, dh_pass);  // B
     group_barrier(counter, static_cast<unsigned int>(s + 1) * plan.slices, alone);
   }
-}
-
-PersistentLimits device_limits(const cudaDeviceProp& p) {
-  return {p.multiProcessorCount, static_cast<int64_t>(p.sharedMemPerBlockOptin),
-          static_cast<int64_t>(p.sharedMemPerMultiprocessor), p.maxThreadsPerMultiProcessor,
-          p.maxThreadsPerBlock};
-}
-
-// Launches `kernel` cooperatively over the plan's grid. Returns false, launching nothing, when the
-// compiled kernel cannot have every block resident at once; *resident_per_sm then says how many
-// blocks per SM it can have (its registers may allow fewer than the plan's estimate).
-// kKernel is a template argument so that `configured` below is per kernel instance.
-template <auto kKernel, typename Params>
-bool launch_persistent(const Params& q, const PersistentPlan& plan, int64_t elem_bytes,
-                       int64_t counters_count, const at::TensorOptions& opts,
-                       int* resident_per_sm) {
-  void (*kernel)(Params, PersistentPlan, unsigned int*) = kKernel;
-  const int64_t smem = plan.smem_bytes(elem_bytes);
-  // Allow the device's whole opt-in shared memory once per kernel instance and device (without it
-  // a launch above 48 KB fails), so that no attribute call happens while a CUDA graph is being
-  // captured (after the usual warm-up).
-  static std::atomic<bool> configured[64] = {};  // host threads may launch concurrently
-  const int device = at::cuda::current_device();
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  if (device >= 64 || !configured[device].load()) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(props->sharedMemPerBlockOptin)));
-    if (device < 64) configured[device].store(true);
-  }
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-      resident_per_sm, kernel, static_cast<int>(plan.threads()), static_cast<size_t>(smem)));
-  if (int64_t(*resident_per_sm) * props->multiProcessorCount < plan.blocks) return false;
-
-  at::Tensor counters = at::zeros({counters_count}, opts.dtype(at::kInt));
-  unsigned int* counters_ptr = reinterpret_cast<unsigned int*>(counters.data_ptr<int>());
-  Params q_arg = q;
-  PersistentPlan plan_arg = plan;
-  void* args[] = {&q_arg, &plan_arg, &counters_ptr};
-  const cudaError_t err = cudaLaunchCooperativeKernel(
-      reinterpret_cast<void*>(kernel), dim3(static_cast<unsigned int>(plan.blocks)),
-      dim3(static_cast<unsigned int>(plan.units), static_cast<unsigned int>(plan.threads_y)), args,
-      static_cast<size_t>(smem), at::cuda::getCurrentCUDAStream());
-  if (err == cudaErrorCooperativeLaunchTooLarge) {
-    (void)cudaGetLastError();  // clear it: the per-step path runs instead
-    *resident_per_sm = 0;
-    return false;
-  }
-  C10_CUDA_CHECK(err);
-  return true;
 }
 
 // Plans and launches one direction of the recurrence; false when the per-step path must run.
@@ -211,12 +148,14 @@ bool run_persistent(const Sequence& s) {
 
 template <class Cell>
 bool persistent_forward_cuda(const ForwardSequence& s) {
-  return run_persistent<Cell, false>(s);
+  if (recurrence_path() == RecurrencePath::kPerStep) return false;
+  return persistent_mma_forward_cuda<Cell>(s) || run_persistent<Cell, false>(s);
 }
 
 template <class Cell>
 bool persistent_backward_cuda(const BackwardSequence& s) {
-  return run_persistent<Cell, true>(s);
+  if (recurrence_path() == RecurrencePath::kPerStep) return false;
+  return persistent_mma_backward_cuda<Cell>(s) || run_persistent<Cell, true>(s);
 }
 
 #define MTL_INSTANTIATE_PERSISTENT(Cell)                                  \

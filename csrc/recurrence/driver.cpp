@@ -55,6 +55,36 @@ RecurrencePath recurrence_path() {
 
 void set_recurrence_path(RecurrencePath path) { g_path.store(static_cast<int>(path)); }
 
+MmaMode parse_mma_mode(const char* v) {
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return MmaMode::kAuto;
+  if (std::strcmp(v, "off") == 0) return MmaMode::kOff;
+  TORCH_CHECK(false, "tensor-core mode (MTL_KERNELS_MMA) must be 'auto' or 'off', got '", v, "'");
+}
+
+const char* mma_mode_name(MmaMode m) { return m == MmaMode::kAuto ? "auto" : "off"; }
+
+namespace {
+std::atomic<int> g_mma{-1};  // -1: not yet read from the environment
+std::atomic<int64_t> g_tc_forward{0}, g_tc_backward{0};
+}  // namespace
+
+MmaMode mma_mode() {
+  int m = g_mma.load(std::memory_order_relaxed);
+  if (m < 0) {
+    m = static_cast<int>(parse_mma_mode(std::getenv("MTL_KERNELS_MMA")));
+    int expected = -1;
+    g_mma.compare_exchange_strong(expected, m);
+    m = g_mma.load();
+  }
+  return static_cast<MmaMode>(m);
+}
+
+void set_mma_mode(MmaMode mode) { g_mma.store(static_cast<int>(mode)); }
+
+TensorCoreCounts tensor_core_counts() { return {g_tc_forward.load(), g_tc_backward.load()}; }
+
+void count_tensor_core_run(bool backward) { ++(backward ? g_tc_backward : g_tc_forward); }
+
 PathCounts path_counts() {
   return {g_forward_sequence.load(), g_forward_per_step.load(), g_backward_sequence.load(),
           g_backward_per_step.load()};

@@ -154,6 +154,21 @@ struct TunedPath {
 };
 std::vector<TunedPath> tuned_paths();
 void reset_tuned_paths();
+// The tensor-core switch of the persistent kernel (persistent_mma.h): kAuto runs the tensor-core
+// variant where its plan fits (bf16 / fp16; fp32 where the user allows TF32 for matmuls), kOff
+// always the FMA variant. A setter on the extension (mtl_kernels._C.set_tensor_cores), atomic,
+// default taken once from MTL_KERNELS_MMA (auto | off).
+enum class MmaMode { kAuto, kOff };
+MmaMode mma_mode();
+void set_mma_mode(MmaMode mode);
+MmaMode parse_mma_mode(const char* name);
+const char* mma_mode_name(MmaMode mode);
+// How many persistent launches ran the tensor-core variant (each one is also a sequence-path run).
+struct TensorCoreCounts {
+  int64_t forward, backward;
+};
+TensorCoreCounts tensor_core_counts();
+void count_tensor_core_run(bool backward);
 
 // How many recurrences ran on each path since the module was loaded.
 struct PathCounts {

@@ -57,11 +57,18 @@ struct PersistentPlan {
   int64_t threads_y = 0;        // blockDim.y
   int64_t rows_per_thread = 0;  // 1, 2, 4 or 8, >= ceil(tile_rows / threads_y)
   int64_t chunk = 0;            // backward: drec columns per shared-memory fill (KH: one fill)
-  int64_t weight_elems = 0;     // shared memory: W_hh slice, K * units * H
-  int64_t tile_elems = 0;       // shared memory: tile_rows * H (forward) or tile_rows * chunk
+  int64_t weight_elems = 0;     // shared memory: W_hh slice, K * units * round4(H) (forward) or
+                                // round4(KH) * units (backward): zero-padded to column quads
+  int64_t tile_elems = 0;       // shared memory: tile_rows * tile_stride()
   int64_t blocks = 0;           // G * tiles * slices
   int64_t blocks_per_sm = 0;    // estimated from the limits (the CUDA side checks with the driver)
   MTL_HD int64_t threads() const { return units * threads_y; }
+  // Row stride of the shared-memory tile: H (forward) or chunk (backward), padded to a multiple
+  // of 4 with zeros, so that the inner loops go 4 columns at a time without a tail.
+  MTL_HD int64_t tile_stride() const { return round4(chunk); }
+  MTL_HD static int64_t round4(int64_t x) { return (x + 3) & ~int64_t(3); }
+  int64_t block_x() const { return units; }  // the launch's blockDim
+  int64_t block_y() const { return threads_y; }
   MTL_HD int64_t smem_bytes(int64_t elem_bytes) const {
     return align16(weight_elems * elem_bytes) + tile_elems * elem_bytes;
   }
@@ -78,6 +85,7 @@ struct PersistentLimits {
   // Blocks per SM at most: the hardware's limit, or fewer once the occupancy API has said what the
   // compiled kernel's registers allow (cuda_persistent.cu plans again with that).
   int64_t max_blocks_per_sm = 32;
+  int64_t regs_per_sm = 65536;  // 32-bit registers per SM (sm_80 and later)
 };
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -104,9 +112,10 @@ inline PersistentPlan persistent_plan_from_tiles(int64_t K, int64_t G, int64_t B
   p.tiles = ceil_div(B, tile_rows);
   p.threads_y = threads_y;
   p.rows_per_thread = rows_template(ceil_div(tile_rows, threads_y));
-  p.weight_elems = K * units * H;
+  p.weight_elems = backward ? PersistentPlan::round4(K * H) * units
+                            : K * units * PersistentPlan::round4(H);
   p.chunk = chunk;
-  p.tile_elems = tile_rows * chunk;
+  p.tile_elems = tile_rows * p.tile_stride();
   p.blocks = G * p.tiles * p.slices;
   p.fits = units <= H && tile_rows <= B && threads_y <= tile_rows &&
            ceil_div(tile_rows, threads_y) <= kPersistentMaxRows && chunk <= (backward ? K * H : H);
@@ -129,7 +138,9 @@ inline PersistentPlan persistent_plan(int64_t K, int64_t G, int64_t B, int64_t H
   // all, which at small sizes is most of a step's time.
   for (int64_t units = std::min<int64_t>(H, max_threads); units >= 1;
        units = units > 1 ? (units + 1) / 2 : 0) {
-    const int64_t w_bytes = PersistentPlan::align16(K * units * H * elem_bytes);
+    const int64_t w_bytes = PersistentPlan::align16(
+        (backward ? PersistentPlan::round4(K * H) * units : K * units * PersistentPlan::round4(H)) *
+        elem_bytes);
     const int64_t threads_y_max = std::max<int64_t>(1, max_threads / units);
     const int64_t slices = ceil_div(H, units);
     // Backward: KH columns of drec per fill, else halves of that down to 32 (or KH if smaller),
@@ -137,7 +148,8 @@ inline PersistentPlan persistent_plan(int64_t K, int64_t G, int64_t B, int64_t H
     const int64_t min_chunk = backward ? std::min<int64_t>(32, K * H) : H;
     for (int64_t chunk = backward ? K * H : H; chunk >= min_chunk;
          chunk = chunk > min_chunk ? std::max(min_chunk, 4 * ceil_div(ceil_div(chunk, 2), 4)) : 0) {
-      const int64_t rows_smem = (lim.smem_per_block - w_bytes) / (chunk * elem_bytes);
+      const int64_t rows_smem =
+          (lim.smem_per_block - w_bytes) / (PersistentPlan::round4(chunk) * elem_bytes);
       int64_t tile_rows = std::min({B, rows_smem, threads_y_max * kPersistentMaxRows});
       if (tile_rows < 1) continue;
       while (G * slices * ceil_div(B, ceil_div(tile_rows, 2)) <= lim.num_sms && tile_rows > 4)
@@ -169,8 +181,9 @@ struct PersistentBlock {
   int64_t row0, rows;    // batch rows [row0, row0 + rows)
 };
 
-MTL_HD PersistentBlock persistent_block(const PersistentPlan& p, int64_t B, int64_t H,
-                                        int64_t block) {
+// Plan: PersistentPlan, or the tensor-core variant's MmaPlan (persistent_mma.h): the same split.
+template <class Plan>
+MTL_HD PersistentBlock persistent_block(const Plan& p, int64_t B, int64_t H, int64_t block) {
   PersistentBlock k;
   k.slice = block % p.slices;
   k.tile = (block / p.slices) % p.tiles;
@@ -202,53 +215,129 @@ MTL_HD T load_shared_state(const T* p) {
 
 // ---- shared-memory fills (all threads of a block, tid in [0, nthreads)) ----------------------
 
-// Forward weights: w_s[(col * K + gate) * units + jj] = W_hh[g][gate * H + unit0 + jj][col], so
-// that a warp's lanes (consecutive jj) read consecutive words. Global reads go along col
-// (coalesced).
+// How a block's threads cover `rows` rows of `items` items each without a division per item: tpr
+// threads per row (a power of two, at least the items if the block has that many threads), so
+// thread tid starts at row tid / tpr and item tid % tpr and steps by nthreads / tpr rows and by tpr
+// items: one division per fill, none per element. All in 32-bit.
+struct RowCover {
+  int row0, row_step, item0, item_step;
+  MTL_HD RowCover(int items, int tid, int nthreads) {
+    int tpr = 1;
+    while (tpr < items && tpr * 2 <= nthreads) tpr *= 2;
+    row_step = nthreads / tpr;
+    row0 = tid / tpr;
+    item0 = tid & (tpr - 1);
+    item_step = tpr;
+    if (row0 >= row_step) row0 = 1 << 30;  // the threads past the last whole group of tpr: idle
+  }
+};
+
+// Copies `rows` rows of n elements from global memory (row r at src + r * src_stride), which other
+// blocks wrote during this launch (read through L2), into shared memory (row r at
+// dst + r * dst_stride). On the GPU in 16-byte vectors wherever every row is 16-byte aligned and n
+// a whole number of them; row starts in 64-bit pointers, offsets within a row in 32 bits.
+template <typename T>
+MTL_HD void fill_rows_cg(T* dst, int dst_stride, const T* src, int64_t src_stride, int rows, int n,
+                         int tid, int nthreads) {
+#if defined(__CUDA_ARCH__)
+  constexpr int kVec = 16 / int(sizeof(T));
+  if (kVec > 1 && n % kVec == 0 && dst_stride % kVec == 0 && src_stride % kVec == 0 &&
+      reinterpret_cast<uintptr_t>(src) % 16 == 0 && reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+    const int nv = n / kVec;
+    const RowCover rc(nv, tid, nthreads);
+    for (int r = rc.row0; r < rows; r += rc.row_step) {
+      const int4* s = reinterpret_cast<const int4*>(src + r * src_stride);
+      int4* d = reinterpret_cast<int4*>(dst + r * dst_stride);
+      for (int c = rc.item0; c < nv; c += rc.item_step) d[c] = __ldcg(s + c);
+    }
+    return;
+  }
+#endif
+  const RowCover rc(n, tid, nthreads);
+  for (int r = rc.row0; r < rows; r += rc.row_step) {
+    const T* s = src + r * src_stride;
+    T* d = dst + r * dst_stride;
+    for (int c = rc.item0; c < n; c += rc.item_step) d[c] = load_shared_state(s + c);
+  }
+}
+
+// Zeroes rows [r0, r1) x columns [c0, c1) of a shared-memory tile with row stride `stride`.
+template <typename T>
+MTL_HD void zero_rect(T* dst, int stride, int r0, int r1, int c0, int c1, int tid, int nthreads) {
+  if (r0 >= r1 || c0 >= c1) return;
+  const RowCover rc(c1 - c0, tid, nthreads);
+  for (int r = r0 + rc.row0; r < r1; r += rc.row_step)
+    for (int c = c0 + rc.item0; c < c1; c += rc.item_step) dst[r * stride + c] = T(0);
+}
+
+// Forward weights, by column quads: w_s[((c4 * K + gate) * units + jj) * 4 + cc] =
+// W_hh[g][gate * H + unit0 + jj][4 c4 + cc], zero past H and past the slice's units, so that
+// thread jj loads the 4 columns of a gate as one 16-byte (fp32) or 8-byte (16-bit) word, a warp's
+// lanes consecutive. Rows (gate, jj) outside (one division per row), columns by thread inside
+// (coalesced global reads).
 template <int K, typename scalar_t>
 MTL_HD void persistent_fill_weights_forward(scalar_t* w_s, const scalar_t* weight_hh,
-                                            const PersistentBlock& k, int64_t units, int64_t H,
+                                            const PersistentBlock& k, int64_t units_, int64_t H_,
                                             int64_t tid, int64_t nthreads) {
-  const scalar_t* w_g = weight_hh + k.g * K * H * H;
-  for (int64_t idx = tid; idx < K * units * H; idx += nthreads) {
-    const int64_t col = idx % H, rest = idx / H;
-    const int64_t jj = rest % units, gate = rest / units;
-    w_s[(col * K + gate) * units + jj] =
-        jj < k.units ? w_g[(gate * H + k.unit0 + jj) * H + col] : scalar_t(0);
+  const int units = int(units_), H = int(H_), H4 = int(PersistentPlan::round4(H_));
+  const scalar_t* w_g = weight_hh + k.g * K * H_ * H_;
+  const RowCover rc(H4, int(tid), int(nthreads));
+  for (int row = rc.row0; row < K * units; row += rc.row_step) {
+    const int gate = row / units, jj = row - gate * units;
+    const scalar_t* src = jj < k.units ? w_g + int64_t(gate * H + int(k.unit0) + jj) * H : nullptr;
+    scalar_t* dst = w_s + (gate * units + jj) * 4;
+    for (int col = rc.item0; col < H4; col += rc.item_step)
+      dst[(col >> 2) * (K * units * 4) + (col & 3)] = (src && col < H) ? src[col] : scalar_t(0);
   }
 }
 
-// Backward weights: wt_s[n * units + jj] = W_hh[g][n][unit0 + jj], n in [0, KH).
+// Backward weights, by row quads: wt_s[((n >> 2) * units + jj) * 4 + (n & 3)] =
+// W_hh[g][n][unit0 + jj], n in [0, round4(KH)), zero past KH and past the slice's units: thread jj
+// loads 4 consecutive n as one word. Rows n outside, jj by thread inside (coalesced).
 template <int K, typename scalar_t>
 MTL_HD void persistent_fill_weights_backward(scalar_t* wt_s, const scalar_t* weight_hh,
-                                             const PersistentBlock& k, int64_t units, int64_t H,
+                                             const PersistentBlock& k, int64_t units_, int64_t H_,
                                              int64_t tid, int64_t nthreads) {
-  const scalar_t* w_g = weight_hh + k.g * K * H * H;
-  for (int64_t idx = tid; idx < K * H * units; idx += nthreads) {
-    const int64_t jj = idx % units, n = idx / units;
-    wt_s[idx] = jj < k.units ? w_g[n * H + k.unit0 + jj] : scalar_t(0);
+  const int units = int(units_), H = int(H_), KH = K * H, KH4 = int(PersistentPlan::round4(KH));
+  const scalar_t* w_g = weight_hh + k.g * K * H_ * H_;
+  const RowCover rc(units, int(tid), int(nthreads));
+  for (int n = rc.row0; n < KH4; n += rc.row_step) {
+    const scalar_t* src = n < KH ? w_g + int64_t(n) * H + k.unit0 : nullptr;
+    scalar_t* dst = wt_s + (n >> 2) * (units * 4) + (n & 3);
+    for (int jj = rc.item0; jj < units; jj += rc.item_step)
+      dst[jj * 4] = (src && jj < k.units) ? src[jj] : scalar_t(0);
   }
 }
 
-// Forward, phase A: h_s[r * H + col] = h_{t-1}[g][row0 + r][col].
+// Forward, once at the start: the h tile's padding columns [H, round4(H)), which the per-step
+// fills never write.
+template <typename scalar_t>
+MTL_HD void persistent_zero_h_padding(scalar_t* h_s, const PersistentPlan& p, int64_t H,
+                                      int64_t tid, int64_t nthreads) {
+  zero_rect(h_s, int(p.tile_stride()), 0, int(p.tile_rows), int(H), int(p.tile_stride()), int(tid),
+            int(nthreads));
+}
+
+// Forward, phase A: h_s[r * stride + col] = h_{t-1}[g][row0 + r][col], col < H.
 template <typename scalar_t, typename acc_t>
 MTL_HD void persistent_fill_h(scalar_t* h_s, const SequenceForward<scalar_t, acc_t>& q,
                               const PersistentBlock& k, int64_t t, int64_t tid, int64_t nthreads) {
   const scalar_t* src = q.h_states + k.g * q.h_sg + state_slot(q, prev_slot(t, q.reverse)) * q.h_sslot +
                         k.row0 * q.H;
-  for (int64_t idx = tid; idx < k.rows * q.H; idx += nthreads) h_s[idx] = load_shared_state(src + idx);
+  fill_rows_cg(h_s, int(PersistentPlan::round4(q.H)), src, q.H, int(k.rows), int(q.H), int(tid),
+               int(nthreads));
 }
 
-// Backward, phase A, one chunk: dr_s[r * ncols + n] = drec_t[g][row0 + r][n0 + n], n < ncols.
+// Backward, phase A, one chunk: dr_s[r * stride + n] = drec_t[g][row0 + r][n0 + n] for n < ncols,
+// zero for n in [ncols, round4(ncols)).
 template <typename scalar_t, typename acc_t>
 MTL_HD void persistent_fill_drec(scalar_t* dr_s, const SequenceBackward<scalar_t, acc_t>& q,
                                  const PersistentBlock& k, int64_t t, int64_t n0, int64_t ncols,
-                                 int64_t tid, int64_t nthreads) {
-  const scalar_t* src = q.drec + t * q.gates_st + k.g * q.gates_sg + n0;
-  for (int64_t idx = tid; idx < k.rows * ncols; idx += nthreads) {
-    const int64_t r = idx / ncols, n = idx % ncols;
-    dr_s[idx] = load_shared_state(src + (k.row0 + r) * q.gates_sb + n);
-  }
+                                 int64_t stride, int64_t tid, int64_t nthreads) {
+  const scalar_t* src = q.drec + t * q.gates_st + k.g * q.gates_sg + k.row0 * q.gates_sb + n0;
+  fill_rows_cg(dr_s, int(stride), src, q.gates_sb, int(k.rows), int(ncols), int(tid), int(nthreads));
+  zero_rect(dr_s, int(stride), 0, int(k.rows), int(ncols), int(PersistentPlan::round4(ncols)),
+            int(tid), int(nthreads));
 }
 
 // Backward: the number of columns in chunk c of the plan.
@@ -304,71 +393,52 @@ MTL_HD void persistent_forward_init(const SequenceForward<scalar_t, acc_t>& q,
   }
 }
 
-// Forward, phase B of step t for thread (tx, ty).
+// Forward, phase B of step t for thread (tx, ty): K dot products per row over the column quads
+// (K 4-wide W loads, one 4-wide h load per row, 4K FMAs per row), then the cell. 32-bit offsets,
+// pointers stepped, nothing recomputed per column.
 template <class Cell, int kRows, typename scalar_t, typename acc_t>
 MTL_HD void persistent_forward_thread(const SequenceForward<scalar_t, acc_t>& q,
-                                      const PersistentBlock& k, int64_t units, int64_t threads_y,
+                                      const PersistentBlock& k, int64_t units_, int64_t threads_y,
                                       int64_t t, const scalar_t* w_s, const scalar_t* h_s,
-                                      int64_t tx, int64_t ty, acc_t (&c)[kRows]) {
+                                      int64_t tx_, int64_t ty_, acc_t (&c)[kRows]) {
   constexpr int K = Cell::kGates;
+  const int tx = int(tx_), ty = int(ty_);
   if (tx >= k.units) return;
-  const int64_t H = q.H;
+  const int units = int(units_), rows = int(k.rows), ty_n = int(threads_y);
+  const int H4 = int(PersistentPlan::round4(q.H));
   acc_t rec[kRows][K];
   MTL_UNROLL
   for (int r = 0; r < kRows; ++r) {
     MTL_UNROLL
     for (int gate = 0; gate < K; ++gate) rec[r][gate] = acc_t(0);
   }
-  int64_t col = 0;
-  if (H % 4 == 0) {
-    // Four columns at a time: 4K W values in registers, one 4-wide h load per row. Shared-memory
-    // loads per FMA drop from (K + rows) / (K rows) to (4K + rows) / (4K rows).
-    for (; col < H; col += 4) {
-      acc_t w[4][K];  // [column][gate]
-      MTL_UNROLL
-      for (int kk = 0; kk < 4; ++kk) {
-        const scalar_t* wp = w_s + (col + kk) * K * units + tx;
+  const int gate_step = units * 4, quad_step = K * units * 4, row_step = ty_n * H4;
+  const scalar_t* wp = w_s + tx * 4;   // column quad 0, gate 0, unit tx
+  const scalar_t* hp = h_s + ty * H4;  // the thread's first row, column 0
+  for (int col = 0; col < H4; col += 4, wp += quad_step, hp += 4) {
+    acc_t w[K][4];
+    MTL_UNROLL
+    for (int gate = 0; gate < K; ++gate) load4(wp + gate * gate_step, w[gate]);
+    MTL_UNROLL
+    for (int r = 0; r < kRows; ++r) {
+      if (ty + r * ty_n < rows) {
+        acc_t h[4];
+        load4(hp + r * row_step, h);
         MTL_UNROLL
-        for (int gate = 0; gate < K; ++gate) w[kk][gate] = acc_t(wp[gate * units]);
-      }
-      MTL_UNROLL
-      for (int r = 0; r < kRows; ++r) {
-        const int64_t row = ty + r * threads_y;
-        if (row < k.rows) {
-          acc_t h[4];
-          load4(h_s + row * H + col, h);
+        for (int kk = 0; kk < 4; ++kk) {
           MTL_UNROLL
-          for (int kk = 0; kk < 4; ++kk) {
-            MTL_UNROLL
-            for (int gate = 0; gate < K; ++gate) rec[r][gate] += w[kk][gate] * h[kk];
-          }
+          for (int gate = 0; gate < K; ++gate) rec[r][gate] += w[gate][kk] * h[kk];
         }
       }
     }
   }
-  for (; col < H; ++col) {
-    const scalar_t* wp = w_s + col * K * units + tx;
-    acc_t w[K];
-    MTL_UNROLL
-    for (int gate = 0; gate < K; ++gate) w[gate] = acc_t(wp[gate * units]);
-    MTL_UNROLL
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t row = ty + r * threads_y;
-      if (row < k.rows) {
-        const acc_t h = acc_t(h_s[row * H + col]);
-        MTL_UNROLL
-        for (int gate = 0; gate < K; ++gate) rec[r][gate] += w[gate] * h;
-      }
-    }
-  }
+  const int j = int(k.unit0) + tx;
   MTL_UNROLL
   for (int r = 0; r < kRows; ++r) {
-    const int64_t row = ty + r * threads_y;
-    if (row < k.rows) {
-      const int64_t j = k.unit0 + tx;
-      c[r] = forward_element<Cell>(forward_row(q, K, t, k.g, k.row0 + row), j, H, rec[r],
-                                   acc_t(h_s[row * H + j]), c[r]);
-    }
+    const int row = ty + r * ty_n;
+    if (row < rows)
+      c[r] = forward_element<Cell>(forward_row(q, K, t, k.g, k.row0 + row), j, q.H, rec[r],
+                                   acc_t(h_s[row * H4 + j]), c[r]);
   }
 }
 
@@ -389,36 +459,42 @@ MTL_HD void persistent_backward_init(const SequenceBackward<scalar_t, acc_t>& q,
 }
 
 // dh += (W_hh^T drec)[row][unit0 + tx] over columns [n0, n0 + ncols) of drec, for the thread's
-// rows; dr_s holds that chunk of the tile's drec (phase A).
+// rows; dr_s holds that chunk of the tile's drec (phase A), row stride `stride`. Four columns at a
+// time (one 4-wide W load, one 4-wide drec load per row) where n0 is a multiple of 4 (every chunk
+// of the planner's plans), else one at a time (the emulator's odd chunks).
 template <int kRows, typename scalar_t, typename acc_t>
-MTL_HD void persistent_recurrent_grad(const PersistentBlock& k, int64_t units, int64_t threads_y,
-                                      int64_t n0, int64_t ncols, const scalar_t* wt_s,
-                                      const scalar_t* dr_s, int64_t tx, int64_t ty,
-                                      acc_t (&dh)[kRows]) {
+MTL_HD void persistent_recurrent_grad(const PersistentBlock& k, int64_t units_, int64_t threads_y,
+                                      int64_t n0_, int64_t ncols_, int64_t stride_,
+                                      const scalar_t* wt_s, const scalar_t* dr_s, int64_t tx_,
+                                      int64_t ty_, acc_t (&dh)[kRows]) {
+  const int tx = int(tx_), ty = int(ty_);
   if (tx >= k.units) return;
-  int64_t n = 0;
-  if (ncols % 4 == 0) {  // four columns at a time: one 4-wide drec load per row
-    for (; n < ncols; n += 4) {
+  const int units = int(units_), rows = int(k.rows), ty_n = int(threads_y);
+  const int n0 = int(n0_), ncols = int(ncols_), stride = int(stride_), row_step = ty_n * stride;
+  const scalar_t* dp = dr_s + ty * stride;  // the thread's first row
+  if ((n0 & 3) == 0) {
+    const int n4 = int(PersistentPlan::round4(ncols));  // dr_s and wt_s are zero past the data
+    const scalar_t* wp = wt_s + ((n0 >> 2) * units + tx) * 4;
+    for (int n = 0; n < n4; n += 4, wp += units * 4, dp += 4) {
       acc_t w[4];
-      MTL_UNROLL
-      for (int kk = 0; kk < 4; ++kk) w[kk] = acc_t(wt_s[(n0 + n + kk) * units + tx]);
+      load4(wp, w);
       MTL_UNROLL
       for (int r = 0; r < kRows; ++r) {
-        const int64_t row = ty + r * threads_y;
-        if (row < k.rows) {
+        if (ty + r * ty_n < rows) {
           acc_t d[4];
-          load4(dr_s + row * ncols + n, d);
+          load4(dp + r * row_step, d);
           dh[r] += w[0] * d[0] + w[1] * d[1] + w[2] * d[2] + w[3] * d[3];
         }
       }
     }
+    return;
   }
-  for (; n < ncols; ++n) {
-    const acc_t w = acc_t(wt_s[(n0 + n) * units + tx]);
+  for (int n = 0; n < ncols; ++n) {
+    const int nn = n0 + n;
+    const acc_t w = acc_t(wt_s[((nn >> 2) * units + tx) * 4 + (nn & 3)]);
     MTL_UNROLL
     for (int r = 0; r < kRows; ++r) {
-      const int64_t row = ty + r * threads_y;
-      if (row < k.rows) dh[r] += w * acc_t(dr_s[row * ncols + n]);
+      if (ty + r * ty_n < rows) dh[r] += w * acc_t(dp[r * row_step + n]);
     }
   }
 }

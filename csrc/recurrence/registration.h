@@ -127,5 +127,16 @@ ForwardResult grouped_recurrence_forward_emulated(const std::string& cell, const
 BackwardResult grouped_recurrence_backward_emulated(const std::string& cell, const BackwardArgs& args,
                                                     int64_t units, int64_t tile_rows,
                                                     int64_t threads_y, int64_t chunk);
+// Its tensor-core variant (persistent_mma.h) on the CPU: reg_ktiles < 0 = as many as registers
+// hold; mma_k 16 (bf16 / fp16 / fp64) or 8 (TF32 for fp32, fp64); chunk_ktiles: backward k-tiles
+// of drec per shared-memory fill (<= 0: all).
+ForwardResult grouped_recurrence_forward_emulated_mma(const std::string& cell,
+                                                      const ForwardArgs& args, int64_t units,
+                                                      int64_t tile_rows, int64_t reg_ktiles,
+                                                      int64_t mma_k);
+BackwardResult grouped_recurrence_backward_emulated_mma(const std::string& cell,
+                                                        const BackwardArgs& args, int64_t units,
+                                                        int64_t tile_rows, int64_t reg_ktiles,
+                                                        int64_t mma_k, int64_t chunk_ktiles);
 
 }  // namespace mtl_kernels
