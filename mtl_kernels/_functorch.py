@@ -122,6 +122,23 @@ class _BranchAttentionFunction(torch.autograd.Function):
         return d_x, d_w, (d_b if ctx.has_bias else None)
 
 
+def forward_ad_active(tensors) -> bool:
+    """Whether forward-mode AD must see through the recurrence: a torch.func jvp level (jvp, jacfwd,
+    hessian) is active, or one of `tensors` is an eager forward-AD dual tensor."""
+    if torch._C._are_functorch_transforms_active():
+        try:
+            from torch._C._functorch import TransformType
+            from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+            if any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters()):
+                return True
+        except (ImportError, AttributeError):
+            pass
+    fwd = torch.autograd.forward_ad
+    if getattr(fwd, "_current_level", -1) < 0:
+        return False
+    return any(isinstance(t, Tensor) and fwd.unpack_dual(t).tangent is not None for t in tensors)
+
+
 def transforms_active() -> bool:
     """Whether a torch.func transform is active (then the Functions above must run the ops)."""
     return torch._C._are_functorch_transforms_active()

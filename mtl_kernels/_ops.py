@@ -119,6 +119,12 @@ def recurrence_layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Ten
     requiring grad) it keeps nothing for backward.
     """
     args = (cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr, h0, c0, lengths, reverse)
+    if _functorch.forward_ad_active(args[1:10]):
+        # forward-mode AD (torch.autograd.forward_ad, torch.func.jvp / jacfwd / hessian): the ops'
+        # autograd has no jvp; the differentiable composite (the same recurrence) has one
+        from .reference import recurrence_composite
+        return recurrence_composite(cell, input, weight_ih, weight_hh, bias, bias_hh, h0, c0,
+                                    lengths, reverse, weight_hr)
     if _functorch.transforms_active():
         output, h_n, c_n, _, _, _ = _functorch.recurrence_forward(*args)
     else:

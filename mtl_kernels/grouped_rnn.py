@@ -35,6 +35,16 @@ def _check_positive_int(name: str, value, zero_ok: bool = False) -> None:
         raise ValueError(f"{name} must be greater than zero")
 
 
+def _reject_kwargs(cls_name: str, kwargs: dict) -> None:
+    """nn.GRU / nn.RNN's reaction to keyword arguments they do not take: ValueError for proj_size
+    (any value, 0 included), TypeError for anything else."""
+    if "proj_size" in kwargs:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+    if kwargs:
+        raise TypeError(f"{cls_name}.__init__() got an unexpected keyword argument "
+                        f"'{next(iter(kwargs))}'")
+
+
 class GroupedRNNBase(nn.Module):
     r"""``num_groups`` independent recurrent nets with one configuration, run together.
 
@@ -206,6 +216,11 @@ class GroupedRNNBase(nn.Module):
                                      f"from modules[0].{key}={getattr(modules[0], key)!r}")
         ref = modules[0]
         p0 = next(ref.parameters())
+        for i, m in enumerate(modules):  # no silent cast of a group's weights to modules[0]'s dtype
+            for name, p in m.named_parameters():
+                if p.dtype != p0.dtype or p.device != p0.device:
+                    raise ValueError(f"from_modules: modules[{i}].{name} is {p.dtype} on {p.device}, "
+                                     f"but modules[0]'s parameters are {p0.dtype} on {p0.device}")
         kwargs = dict(num_layers=ref.num_layers, bias=ref.bias, batch_first=ref.batch_first,
                       dropout=ref.dropout, bidirectional=ref.bidirectional, device=p0.device,
                       dtype=p0.dtype)
@@ -219,6 +234,12 @@ class GroupedRNNBase(nn.Module):
         with torch.no_grad():
             for name in out._flat_weights_names:
                 getattr(out, name).copy_(torch.stack([getattr(m, name) for m in modules]))
+        for name in out._flat_weights_names:  # frozen weights stay frozen
+            flags = {getattr(m, name).requires_grad for m in modules}
+            if len(flags) > 1:
+                raise ValueError(f"from_modules: {name} requires grad in some modules and not in "
+                                 f"others; a grouped parameter has one requires_grad for all groups")
+            getattr(out, name).requires_grad_(flags.pop())
         out.train(ref.training)
         return out
 
@@ -238,6 +259,8 @@ class GroupedRNNBase(nn.Module):
                 with torch.no_grad():
                     for name in self._flat_weights_names:
                         getattr(m, name).copy_(getattr(self, name)[g])
+                for name in self._flat_weights_names:
+                    getattr(m, name).requires_grad_(getattr(self, name).requires_grad)
                 modules.append(m)
         modules.train(self.training)
         return modules
@@ -258,6 +281,14 @@ class GroupedRNNBase(nn.Module):
             if sorted(keys) != list(range(self.num_groups)):
                 error_msgs.append(f"ModuleList state dict for '{prefix + name}' has modules "
                                   f"{sorted(keys)}, expected 0..{self.num_groups - 1}")
+                continue
+            want = tuple(getattr(self, name).shape[1:])
+            shapes = [tuple(getattr(state_dict[keys[g]], "shape", ())) for g in range(self.num_groups)]
+            bad = [g for g in range(self.num_groups) if shapes[g] != want]
+            if bad:  # as load_state_dict reports it (not torch.stack's error)
+                error_msgs.append(f"size mismatch for {keys[bad[0]]}: copying a param with shape "
+                                  f"{shapes[bad[0]]} from checkpoint, the shape in current model "
+                                  f"is {want}.")
                 continue
             state_dict[prefix + name] = torch.stack([state_dict.pop(keys[g])
                                                      for g in range(self.num_groups)])
@@ -371,6 +402,9 @@ class GroupedRNNBase(nn.Module):
                     raise ValueError(f"groups must lie in [0, {self.num_groups}), got "
                                      f"{groups.tolist()}")
             return groups.to(device=device, dtype=torch.long)
+        if isinstance(groups, numbers.Number) or not hasattr(groups, "__iter__"):
+            raise TypeError(f"groups must be a list or 1-D integer tensor of group indices, got "
+                            f"{type(groups).__name__}")
         groups = list(groups)
         if not groups:
             raise ValueError("groups must be a non-empty 1-D list or integer tensor of group indices")
@@ -481,7 +515,8 @@ class GroupedGRU(GroupedRNNBase):
 
     def __init__(self, num_groups: int, input_size: int, hidden_size: int, num_layers: int = 1,
                  bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False, device=None, dtype=None) -> None:
+                 bidirectional: bool = False, device=None, dtype=None, **kwargs) -> None:
+        _reject_kwargs(type(self).__name__, kwargs)
         super().__init__("GRU", num_groups, input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, 0, device, dtype)
 
@@ -506,7 +541,9 @@ class GroupedRNN(GroupedRNNBase):
 
     def __init__(self, num_groups: int, input_size: int, hidden_size: int, num_layers: int = 1,
                  nonlinearity: str = "tanh", bias: bool = True, batch_first: bool = False,
-                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None) -> None:
+                 dropout: float = 0.0, bidirectional: bool = False, device=None, dtype=None,
+                 **kwargs) -> None:
+        _reject_kwargs(type(self).__name__, kwargs)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"Unknown nonlinearity '{nonlinearity}'. Select from 'tanh' or 'relu'.")
         self.nonlinearity = nonlinearity
@@ -529,7 +566,8 @@ class GroupedRNN(GroupedRNNBase):
 
     @classmethod
     def _mode_for(cls, module):
-        return getattr(module, "mode", "RNN_TANH")
+        mode = getattr(module, "mode", "RNN_TANH")
+        return mode if mode in ("RNN_TANH", "RNN_RELU") else "RNN_TANH"  # a GRU / LSTM: TypeError
 
 
 def grouped_module_for(cell: str):

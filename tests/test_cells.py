@@ -154,8 +154,8 @@ def test_conversions_state_dicts_and_repr():
         GroupedRNN.from_rnns([nn.RNN(3, 4), nn.RNN(3, 4, nonlinearity="relu")])
     with pytest.raises(ValueError, match="Unknown nonlinearity"):
         GroupedRNN(2, 3, 4, nonlinearity="sigmoid")
-    with pytest.raises(TypeError):
-        GroupedGRU(2, 3, 4, proj_size=2)
+    with pytest.raises(ValueError, match="proj_size argument is only supported for LSTM"):
+        GroupedGRU(2, 3, 4, proj_size=2)  # nn.GRU's type and message
     assert "num_groups=3, 3, 4, num_layers=2, bidirectional=True" in repr(grouped)
     assert "nonlinearity=relu" in repr(grouped_rnn)
 
@@ -286,3 +286,81 @@ def test_multitask_with_gru_cells():
     assert torch.equal(m(x, lengths=torch.tensor([5, 2, 4, 1]), task=1), outs[1])
     with pytest.raises(ValueError, match="cell must be"):
         MultiTaskLSTM(6, 8, [2], cell="transformer")
+
+
+# ---- regressions: interface gaps versus nn.GRU / nn.RNN -------------------------------------------
+@pytest.mark.parametrize("cls,torch_cls", [(GroupedGRU, nn.GRU), (GroupedRNN, nn.RNN)])
+@pytest.mark.parametrize("proj_size", [0, 2])
+def test_proj_size_keyword_raises_like_torch(cls, torch_cls, proj_size):
+    # nn.GRU / nn.RNN raise ValueError for any proj_size keyword, 0 included
+    with pytest.raises(ValueError) as want:
+        torch_cls(3, 4, proj_size=proj_size)
+    with pytest.raises(ValueError) as got:
+        cls(2, 3, 4, proj_size=proj_size)
+    assert str(got.value) == str(want.value)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'foo'"):
+        cls(2, 3, 4, foo=1)
+
+
+def test_from_modules_rejects_what_it_cannot_represent():
+    torch.manual_seed(0)
+    with pytest.raises(TypeError, match="element 0 is GRU, not RNN"):
+        GroupedRNN.from_rnns([nn.GRU(3, 4)])
+    with pytest.raises(TypeError, match="element 0 is LSTM, not RNN"):
+        GroupedRNN.from_rnns([nn.LSTM(3, 4)])
+    # mixed dtypes: no silent cast of group 1's float64 weights to float32
+    with pytest.raises(ValueError, match="float64"):
+        GroupedGRU.from_grus([nn.GRU(3, 4), nn.GRU(3, 4).double()])
+    # frozen weights stay frozen both ways; mixed freezing cannot be represented
+    grus = [nn.GRU(3, 4, 2) for _ in range(2)]
+    for m in grus:
+        m.weight_hh_l1.requires_grad_(False)
+    grouped = GroupedGRU.from_grus(grus)
+    assert not grouped.weight_hh_l1.requires_grad and grouped.weight_ih_l0.requires_grad
+    back = grouped.to_grus()
+    assert not back[1].weight_hh_l1.requires_grad and back[1].weight_ih_l0.requires_grad
+    grus[0].weight_hh_l1.requires_grad_(True)
+    with pytest.raises(ValueError, match="weight_hh_l1 requires grad in some modules"):
+        GroupedGRU.from_grus(grus)
+
+
+def test_modulelist_state_dict_size_mismatch_is_a_load_error():
+    rnns = nn.ModuleList([nn.RNN(3, 4), nn.RNN(3, 5)])  # group 1 has another hidden size
+    grouped = GroupedRNN(2, 3, 4)
+    with pytest.raises(RuntimeError, match=r"size mismatch for 1\.weight_ih_l0"):
+        grouped.load_state_dict(rnns.state_dict())
+
+
+@pytest.mark.parametrize("kind", KINDS + ["lstm"])
+def test_forward_mode_ad_like_torch(kind):
+    """torch.func.jvp / jacfwd and eager forward-mode AD see through the grouped recurrence (as
+    through nn.GRU / nn.RNN / nn.LSTM): the ops have no jvp, the composite runs instead."""
+    import torch.autograd.forward_ad as fwAD
+    torch.manual_seed(1)
+    G, T, B, C, H = 2, 4, 3, 3, 4
+    if kind == "lstm":
+        mods = nn.ModuleList([nn.LSTM(C, H, 2, bidirectional=True) for _ in range(G)]).double()
+    else:
+        mods = torch_modules(kind, G, C, H, num_layers=2, bidirectional=True).double()
+    grouped = GroupedRNNBase.from_modules(mods)
+    x, v = torch.randn(T, B, C, dtype=torch.float64), torch.randn(T, B, C, dtype=torch.float64)
+
+    def ref(inp):
+        return torch.stack([m(inp)[0] for m in mods])
+
+    want = torch.func.jvp(ref, (x,), (v,))[1]
+    got = torch.func.jvp(lambda inp: grouped(inp)[0], (x,), (v,))[1]
+    torch.testing.assert_close(got, want, **TOL[torch.float64])
+    with fwAD.dual_level():
+        out, _ = grouped(fwAD.make_dual(x, v))
+        tangent = fwAD.unpack_dual(out).tangent
+    torch.testing.assert_close(tangent, want, **TOL[torch.float64])
+    small = x[:2, :1]
+    hess = torch.func.hessian(lambda inp: grouped(inp)[0].pow(2).sum())(small)
+    hess_ref = torch.func.hessian(lambda inp: ref(inp).pow(2).sum())(small)
+    torch.testing.assert_close(hess, hess_ref, **TOL[torch.float64])
+
+
+def test_groups_must_be_a_sequence_not_an_int():
+    with pytest.raises(TypeError, match="groups must be a list or 1-D integer tensor"):
+        GroupedGRU(2, 3, 4)(torch.randn(5, 2, 3), groups=1)
