@@ -214,6 +214,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
 
 // ---- autocast: compute in the autocast dtype, as nn.LSTM / nn.Linear do -------------------------
 // The casts are differentiable ATen ops, so gradients reach fp32 parameters.
+
+// The dtype a recurrence computes in under autocast: the autocast dtype, as nn.LSTM and nn.RNN
+// (and every cell on CUDA) do; but nn.GRU on the CPU is not autocast (it stays fp32), so there the
+// GRU promotes instead: the widest floating dtype among its input, weights and state (an autocast
+// nn.Linear's bf16 output then runs in the fp32 of the weights, where nn.GRU would refuse it).
+template <c10::DeviceType kDevice>
+at::ScalarType recurrence_autocast_dtype(c10::string_view cell, const Tensor& input,
+                                         const Tensor& weight_ih, const Tensor& weight_hh,
+                                         const Tensor& h0) {
+  if (kDevice == c10::DeviceType::CPU && cell == "gru") {
+    at::ScalarType dt = input.scalar_type();
+    for (const Tensor* t : {&weight_ih, &weight_hh, &h0})
+      if (at::isFloatingType(t->scalar_type())) dt = at::promote_types(dt, t->scalar_type());
+    return dt;
+  }
+  return at::autocast::get_autocast_dtype(kDevice);
+}
+
 template <c10::DeviceType kDevice, c10::DispatchKey kKey>
 ForwardResult recurrence_forward_autocast(c10::string_view cell, const Tensor& input,
                                           const Tensor& weight_ih, const Tensor& weight_hh,
@@ -222,7 +240,8 @@ ForwardResult recurrence_forward_autocast(c10::string_view cell, const Tensor& i
                                           const OptTensor& c0, const OptTensor& lengths,
                                           bool reverse) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
-  const at::ScalarType dt = at::autocast::get_autocast_dtype(kDevice);
+  const at::ScalarType dt =
+      recurrence_autocast_dtype<kDevice>(cell, input, weight_ih, weight_hh, h0);
   const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
   const auto cast_opt = [&](const OptTensor& t) {
     return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
@@ -240,7 +259,8 @@ InferenceResult recurrence_inference_autocast(c10::string_view cell, const Tenso
                                               const OptTensor& c0, const OptTensor& lengths,
                                               bool reverse) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
-  const at::ScalarType dt = at::autocast::get_autocast_dtype(kDevice);
+  const at::ScalarType dt =
+      recurrence_autocast_dtype<kDevice>(cell, input, weight_ih, weight_hh, h0);
   const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
   const auto cast_opt = [&](const OptTensor& t) {
     return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;

@@ -1,6 +1,7 @@
 """A true drop-in: nn.LSTM's whole interface (unbatched input, proj_size, flatten_parameters, its
 exception types), ops that reject every bad argument, non-contiguous lengths, autocast, compile
 and export with lengths and groups, torch.func, and data-parallel training."""
+import copy
 import os
 import socket
 import subprocess
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from helpers import backward_args, recurrence_args, recurrence_grads
-from mtl_kernels import BranchAttention, GroupedGRU, GroupedLSTM, GroupedRNN, MultiTaskLSTM
+from mtl_kernels import (BranchAttention, GroupedGRU, GroupedLSTM, GroupedRNN, GroupedRNNBase,
+                         MultiTaskLSTM)
 from mtl_kernels import branch_attention
 from mtl_kernels._ops import ops
 from mtl_kernels.reference import RNNLoop
@@ -336,6 +338,45 @@ def test_autocast_after_linear_feeds_grouped_lstm_and_branch_attention():
     (combined.float().sum() + combined_w.float().sum()).backward()
     for p in (proj.weight, lstm.weight_ih_l0, att.weight):
         assert p.grad is not None and p.grad.dtype == torch.float32 and p.grad.abs().sum() > 0
+
+
+def test_autocast_cpu_dtype_per_cell_like_torch():
+    """Under CPU autocast each grouped module computes in the dtype its torch module does: nn.LSTM
+    and nn.RNN in bf16, nn.GRU in fp32 (the CPU does not autocast it); and GroupedGRU also takes an
+    autocast nn.Linear's bf16 output (computing in the weights' fp32), with fp32 outputs that match
+    the nn.GRU loop on the same fp32-rounded input."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4)
+    cases = ((nn.LSTM(4, 5), torch.bfloat16), (nn.GRU(4, 5), torch.float32),
+             (nn.RNN(4, 5), torch.bfloat16), (nn.RNN(4, 5, nonlinearity="relu"), torch.bfloat16))
+    for torch_mod, want in cases:
+        grouped = GroupedRNNBase.from_modules([torch_mod, copy.deepcopy(torch_mod)])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = grouped(x)[0]
+            try:  # torch's own answer where it runs (nn.LSTM's bf16 oneDNN path needs AVX-512)
+                want = torch_mod(x)[0].dtype
+            except RuntimeError:
+                assert isinstance(torch_mod, nn.LSTM)
+        assert got.dtype == want, (type(torch_mod).__name__, got.dtype, want)
+    gru = nn.GRU(5, 6)
+    grouped = GroupedGRU.from_grus([gru])
+    proj = nn.Linear(4, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = proj(x)
+        out, h = grouped(y)
+    assert y.dtype == torch.bfloat16 and out.dtype == torch.float32 and h.dtype == torch.float32
+    torch.testing.assert_close(out[0], gru(y.float())[0])
+    out.sum().backward()
+    assert proj.weight.grad is not None and proj.weight.grad.abs().sum() > 0
+
+
+def test_autocast_kernels_registered_for_cpu_and_cuda():
+    """The ops that compute (the forward, the inference forward, branch attention) have autocast
+    kernels under both AutocastCPU and AutocastCUDA: the same template, so the CPU tests above
+    exercise the code the CUDA key runs (test_cuda.py runs it on a GPU)."""
+    for op in ("grouped_recurrence_forward", "grouped_recurrence", "branch_attention_forward"):
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"mtl_kernels::{op}", key), (op, key)
 
 
 # ---- torch.compile and torch.export --------------------------------------------------------------

@@ -47,9 +47,10 @@ constexpr int kMmaMaxMTiles = 4;  // m-tiles of 16 rows per block at most (64 ba
 // Registers per thread for W_hh fragments (a B-fragment is 2 x 32-bit registers per k-tile and
 // n-tile, for both layouts): the forward keeps 96 / 2K k-tiles of its K n-tiles there (LSTM 12,
 // GRU 16, RNN 48), the backward 48 k-tiles of its one n-tile; further k-tiles come from shared
-// memory. 96 leaves the rest of the kernel (accumulators, A fragments, the cell's math, pointers)
-// ~150 registers without spills under ptxas 13.0 (128 spilled: it keeps A fragments of several
-// k-tiles in flight).
+// memory. With 96, ptxas 13.0 (sm_90) compiles every instance without spills: 178-255 registers
+// a thread, the LSTM's bf16/fp16 forward at the 255 cap (128 spilled: it keeps A fragments of
+// several k-tiles in flight). A change that raises register use there shows as spills in the
+// device check's ptxas table.
 constexpr int kMmaWRegs = 96;
 template <int K, bool kBackward>
 constexpr int mma_reg_ktiles() {
@@ -124,7 +125,9 @@ struct Lanes {
 // 10 mantissa bits); the identity for the other types (bf16 / fp16 are operands as they are; fp64
 // runs only in the emulator, exactly).
 MTL_HD float tf32_round(float x) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  return x;  // no cvt.rna.tf32 before sm_80; run_persistent_mma never launches there
+#elif defined(__CUDA_ARCH__)
   uint32_t r;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
   return __uint_as_float(r);
@@ -228,6 +231,9 @@ struct DeviceWarp {
   __device__ __forceinline__ static void load_a(Lanes<Frag<T, L::kA>, 1>& a, const T* tile,
                                                 int stride, int row0, int col0) {
     static_assert(sizeof(Frag<T, L::kA>) == 16, "ldmatrix.x4: four 32-bit registers");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // the tensor-core variant needs sm_80 (mma.sync bf16 / tf32): never launched below
+#else
     const T* p = tile + L::ldmatrix_a_offset(lane(0), stride, row0, col0);
     const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
     uint32_t r[4];
@@ -236,6 +242,7 @@ struct DeviceWarp {
                  : "r"(addr)
                  : "memory");
     memcpy(&a[0], r, 16);
+#endif
   }
 
   template <class L, typename T, typename A>
@@ -243,6 +250,9 @@ struct DeviceWarp {
                                              const Lanes<Frag<T, L::kA>, 1>& a,
                                              const Lanes<Frag<T, L::kB>, 1>& b) {
     static_assert(std::is_same<A, float>::value, "fp32 accumulation");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    __trap();  // as load_a: sm_80 and later only
+#else
     uint32_t ar[4], br[2];
     memcpy(ar, &a[0], 16);
     memcpy(br, &b[0], 8);
@@ -266,6 +276,7 @@ struct DeviceWarp {
           : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
           : "r"(ar[0]), "r"(ar[1]), "r"(ar[2]), "r"(ar[3]), "r"(br[0]), "r"(br[1]));
     }
+#endif
   }
 };
 #endif
