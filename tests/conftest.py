@@ -1,6 +1,6 @@
 import os
 
-# Every buffer a kernel must write is NaN-filled first (see csrc/grouped_lstm.cpp), so an element
+# Every buffer a kernel must write is NaN-filled first (csrc/common/poison.h: poison_if_enabled), so an element
 # that no kernel wrote shows up as a NaN in the results. Must be set before the extension loads.
 os.environ.setdefault("MTL_KERNELS_POISON", "1")
 
