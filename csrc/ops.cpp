@@ -232,13 +232,13 @@ at::ScalarType recurrence_autocast_dtype(c10::string_view cell, const Tensor& in
   return at::autocast::get_autocast_dtype(kDevice);
 }
 
-template <c10::DeviceType kDevice, c10::DispatchKey kKey>
-ForwardResult recurrence_forward_autocast(c10::string_view cell, const Tensor& input,
-                                          const Tensor& weight_ih, const Tensor& weight_hh,
-                                          const OptTensor& bias, const OptTensor& bias_hh,
-                                          const OptTensor& weight_hr, const Tensor& h0,
-                                          const OptTensor& c0, const OptTensor& lengths,
-                                          bool reverse) {
+// The autocast kernel of a recurrence op (kOp: its handle, registration.h): the training forward
+// (ForwardResult) or the inference forward (InferenceResult), which take the same arguments.
+template <c10::DeviceType kDevice, c10::DispatchKey kKey, auto kOp>
+auto recurrence_autocast(c10::string_view cell, const Tensor& input, const Tensor& weight_ih,
+                         const Tensor& weight_hh, const OptTensor& bias, const OptTensor& bias_hh,
+                         const OptTensor& weight_hr, const Tensor& h0, const OptTensor& c0,
+                         const OptTensor& lengths, bool reverse) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
   const at::ScalarType dt =
       recurrence_autocast_dtype<kDevice>(cell, input, weight_ih, weight_hh, h0);
@@ -246,28 +246,9 @@ ForwardResult recurrence_forward_autocast(c10::string_view cell, const Tensor& i
   const auto cast_opt = [&](const OptTensor& t) {
     return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
   };
-  return recurrence_forward_op().call(cell, cast(input), cast(weight_ih), cast(weight_hh),
-                                      cast_opt(bias), cast_opt(bias_hh), cast_opt(weight_hr),
-                                      cast(h0), cast_opt(c0), lengths, reverse);
-}
-
-template <c10::DeviceType kDevice, c10::DispatchKey kKey>
-InferenceResult recurrence_inference_autocast(c10::string_view cell, const Tensor& input,
-                                              const Tensor& weight_ih, const Tensor& weight_hh,
-                                              const OptTensor& bias, const OptTensor& bias_hh,
-                                              const OptTensor& weight_hr, const Tensor& h0,
-                                              const OptTensor& c0, const OptTensor& lengths,
-                                              bool reverse) {
-  c10::impl::ExcludeDispatchKeyGuard no_autocast(kKey);
-  const at::ScalarType dt =
-      recurrence_autocast_dtype<kDevice>(cell, input, weight_ih, weight_hh, h0);
-  const auto cast = [&](const Tensor& t) { return at::autocast::cached_cast(dt, t, kDevice); };
-  const auto cast_opt = [&](const OptTensor& t) {
-    return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
-  };
-  return recurrence_op().call(cell, cast(input), cast(weight_ih), cast(weight_hh), cast_opt(bias),
-                              cast_opt(bias_hh), cast_opt(weight_hr), cast(h0), cast_opt(c0),
-                              lengths, reverse);
+  return kOp().call(cell, cast(input), cast(weight_ih), cast(weight_hh), cast_opt(bias),
+                    cast_opt(bias_hh), cast_opt(weight_hr), cast(h0), cast_opt(c0), lengths,
+                    reverse);
 }
 
 template <c10::DeviceType kDevice, c10::DispatchKey kKey>
@@ -292,30 +273,34 @@ PyObject* py_path_counts(PyObject*, PyObject*) {
                        (long long)c.backward_sequence, (long long)c.backward_per_step);
 }
 
-// _C.set_recurrence_path(name) -> previous name; name in auto, sequence, per_step.
-PyObject* py_set_recurrence_path(PyObject*, PyObject* args) {
+// _C.set_recurrence_path(name) / _C.set_tensor_cores(name) -> the previous name, and the getters
+// (common/setting.h): a ValueError for an invalid name, or on get for an invalid environment
+// default; the setter replaces such a default.
+template <auto kSetting>
+PyObject* py_set_setting(PyObject*, PyObject* args) {
+  auto& setting = kSetting();
   const char* name;
   if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
-  RecurrencePath path;
+  decltype(setting.get()) value, old;
   try {
-    path = parse_recurrence_path(name);
+    value = setting.parse(name);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
   }
-  RecurrencePath old;
   try {
-    old = recurrence_path();
+    old = setting.get();
   } catch (const c10::Error&) {
-    old = RecurrencePath::kAuto;  // an invalid environment value is replaced
+    old = setting.parse(nullptr);  // an invalid environment value is replaced: report the default
   }
-  set_recurrence_path(path);
-  return PyUnicode_FromString(recurrence_path_name(old));
+  setting.set(value);
+  return PyUnicode_FromString(setting.name(old));
 }
 
-PyObject* py_get_recurrence_path(PyObject*, PyObject*) {
+template <auto kSetting>
+PyObject* py_get_setting(PyObject*, PyObject*) {
   try {
-    return PyUnicode_FromString(recurrence_path_name(recurrence_path()));
+    return PyUnicode_FromString(kSetting().name(kSetting().get()));
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -451,36 +436,7 @@ PyObject* py_mma_fragment_map(PyObject*, PyObject* args) {
   return out;
 }
 
-// _C.set_tensor_cores(mode) -> previous; mode "auto" or "off" (the persistent kernel's
-// tensor-core variant). _C.get_tensor_cores(); _C.tensor_core_counts() -> (forward, backward).
-PyObject* py_set_tensor_cores(PyObject*, PyObject* args) {
-  const char* name;
-  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
-  MmaMode mode, old;
-  try {
-    mode = parse_mma_mode(name);
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    return nullptr;
-  }
-  try {
-    old = mma_mode();
-  } catch (const c10::Error&) {
-    old = MmaMode::kAuto;  // an invalid environment value is replaced
-  }
-  set_mma_mode(mode);
-  return PyUnicode_FromString(mma_mode_name(old));
-}
-
-PyObject* py_get_tensor_cores(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(mma_mode_name(mma_mode()));
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    return nullptr;
-  }
-}
-
+// _C.tensor_core_counts() -> (forward, backward): persistent launches on the tensor-core variant.
 PyObject* py_tensor_core_counts(PyObject*, PyObject*) {
   const TensorCoreCounts c = tensor_core_counts();
   return Py_BuildValue("(LL)", (long long)c.forward, (long long)c.backward);
@@ -496,9 +452,9 @@ PyObject* py_set_inference_chunk_bytes(PyObject*, PyObject* args) {
 
 PyMethodDef module_methods[] = {
     {"path_counts", py_path_counts, METH_NOARGS, "recurrences run per path since import"},
-    {"set_recurrence_path", py_set_recurrence_path, METH_VARARGS,
+    {"set_recurrence_path", py_set_setting<&recurrence_path_setting>, METH_VARARGS,
      "set the recurrence path (auto, sequence, per_step); returns the previous one"},
-    {"get_recurrence_path", py_get_recurrence_path, METH_NOARGS, "the recurrence path"},
+    {"get_recurrence_path", py_get_setting<&recurrence_path_setting>, METH_NOARGS, "the recurrence path"},
     {"persistent_plan", py_persistent_plan, METH_VARARGS, "the persistent kernel's plan"},
     {"tuned_paths", py_tuned_paths, METH_NOARGS, "the CPU auto path's choices per shape"},
     {"_reset_tuned_paths", py_reset_tuned_paths, METH_NOARGS, "forget the CPU auto choices"},
@@ -506,9 +462,9 @@ PyMethodDef module_methods[] = {
      "the persistent kernel's tensor-core plan"},
     {"mma_fragment_map", py_mma_fragment_map, METH_VARARGS,
      "which lane holds which element of an mma fragment"},
-    {"set_tensor_cores", py_set_tensor_cores, METH_VARARGS,
+    {"set_tensor_cores", py_set_setting<&mma_mode_setting>, METH_VARARGS,
      "the persistent kernel's tensor-core variant: auto or off; returns the previous mode"},
-    {"get_tensor_cores", py_get_tensor_cores, METH_NOARGS, "the tensor-core mode"},
+    {"get_tensor_cores", py_get_setting<&mma_mode_setting>, METH_NOARGS, "the tensor-core mode"},
     {"tensor_core_counts", py_tensor_core_counts, METH_NOARGS,
      "persistent launches on the tensor-core variant since import (forward, backward)"},
     {"_set_inference_chunk_bytes", py_set_inference_chunk_bytes, METH_VARARGS,
@@ -528,18 +484,22 @@ TORCH_LIBRARY_IMPL(mtl_kernels, CompositeImplicitAutograd, m) {
 
 TORCH_LIBRARY_IMPL(mtl_kernels, AutocastCPU, m) {
   m.impl("grouped_recurrence_forward",
-         &recurrence_forward_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+         &recurrence_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU,
+                             &recurrence_forward_op>);
   m.impl("grouped_recurrence",
-         &recurrence_inference_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
+         &recurrence_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU,
+                             &recurrence_op>);
   m.impl("branch_attention_forward",
          &attention_forward_autocast<c10::DeviceType::CPU, c10::DispatchKey::AutocastCPU>);
 }
 
 TORCH_LIBRARY_IMPL(mtl_kernels, AutocastCUDA, m) {
   m.impl("grouped_recurrence_forward",
-         &recurrence_forward_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+         &recurrence_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA,
+                             &recurrence_forward_op>);
   m.impl("grouped_recurrence",
-         &recurrence_inference_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
+         &recurrence_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA,
+                             &recurrence_op>);
   m.impl("branch_attention_forward",
          &attention_forward_autocast<c10::DeviceType::CUDA, c10::DispatchKey::AutocastCUDA>);
 }

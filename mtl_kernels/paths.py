@@ -8,14 +8,26 @@ TENSOR_CORE_MODES = ("auto", "off")
 
 
 @contextlib.contextmanager
+def _scoped_setting(setter, allowed, what: str, value: str):
+    """Sets one of the extension's process-wide settings (common/setting.h) to `value` within a
+    ``with`` block, restoring the previous value after it."""
+    if value not in allowed:
+        raise ValueError(f"{what} must be one of {allowed}, got {value!r}")
+    old = setter(value)
+    try:
+        yield
+    finally:
+        setter(old)
+
+
 def recurrence_path(path: str):
     """Choose how the grouped recurrences run, within a ``with`` block.
 
-    ``"auto"`` (the default): the faster path. On the CPU it is measured: for each recurrence
-    shape (cell, forward / backward / inference, G, B, H, dtype) the first four calls alternate
-    between the two paths and are timed, then the faster one runs (``tuned_paths()`` lists the
-    choices; both paths give the same results up to floating-point rounding). On a GPU the
-    sequence path wherever its plan fits. ``"sequence"``: the whole sequence in one kernel call wherever it can
+    ``"auto"`` (the default): the faster path. On the CPU it is measured: the first call of each
+    recurrence shape (cell, forward / backward / inference, G, B, H, dtype) times both paths on
+    scratch inputs of that shape, then every call of that shape runs the faster one
+    (``tuned_paths()`` lists the choices; both paths give the same results up to floating-point
+    rounding). On a GPU the sequence path wherever its plan fits. ``"sequence"``: the whole sequence in one kernel call wherever it can
     run: on a GPU the persistent kernel (all time steps in one launch) where its plan fits the
     device, on the CPU rows in parallel. ``"per_step"``: one batched GEMM and one cell kernel per
     step.
@@ -24,13 +36,7 @@ def recurrence_path(path: str):
     (``mtl_kernels._C.set_recurrence_path``; every thread sees it); its default comes from the
     environment variable ``MTL_KERNELS_LSTM_PATH``, read once.
     """
-    if path not in PATHS:
-        raise ValueError(f"recurrence_path must be one of {PATHS}, got {path!r}")
-    old = _C.set_recurrence_path(path)
-    try:
-        yield
-    finally:
-        _C.set_recurrence_path(old)
+    return _scoped_setting(_C.set_recurrence_path, PATHS, "recurrence_path", path)
 
 
 def tuned_paths() -> list:
@@ -48,7 +54,6 @@ def path_counts() -> dict:
             "backward_per_step": bp}
 
 
-@contextlib.contextmanager
 def tensor_cores(mode: str):
     """Whether the GPU's persistent kernel (the sequence path) may run its tensor-core variant,
     within a ``with`` block.
@@ -60,13 +65,7 @@ def tensor_cores(mode: str):
     One process-wide atomic setting (``mtl_kernels._C.set_tensor_cores``); its default comes from
     the environment variable ``MTL_KERNELS_MMA``, read once.
     """
-    if mode not in TENSOR_CORE_MODES:
-        raise ValueError(f"tensor_cores must be one of {TENSOR_CORE_MODES}, got {mode!r}")
-    old = _C.set_tensor_cores(mode)
-    try:
-        yield
-    finally:
-        _C.set_tensor_cores(old)
+    return _scoped_setting(_C.set_tensor_cores, TENSOR_CORE_MODES, "tensor_cores", mode)
 
 
 def tensor_core_counts() -> dict:

@@ -21,65 +21,26 @@
 
 namespace mtl_kernels {
 
-// ---- the path switch -------------------------------------------------------------------------
-RecurrencePath parse_recurrence_path(const char* v) {
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return RecurrencePath::kAuto;
-  if (std::strcmp(v, "sequence") == 0) return RecurrencePath::kSequence;
-  if (std::strcmp(v, "per_step") == 0) return RecurrencePath::kPerStep;
-  TORCH_CHECK(false, "recurrence path must be 'auto', 'sequence' or 'per_step', got '", v, "'");
+// ---- the switches and counters ----------------------------------------------------------------
+EnvSetting<RecurrencePath, 3>& recurrence_path_setting() {
+  static EnvSetting<RecurrencePath, 3> setting("MTL_KERNELS_LSTM_PATH", "recurrence path",
+                                               {"auto", "sequence", "per_step"});
+  return setting;
 }
 
-const char* recurrence_path_name(RecurrencePath p) {
-  return p == RecurrencePath::kAuto ? "auto" : p == RecurrencePath::kSequence ? "sequence" : "per_step";
+EnvSetting<MmaMode, 2>& mma_mode_setting() {
+  static EnvSetting<MmaMode, 2> setting("MTL_KERNELS_MMA", "tensor-core mode (MTL_KERNELS_MMA)",
+                                        {"auto", "off"});
+  return setting;
 }
 
 namespace {
-
-std::atomic<int> g_path{-1};  // -1: not yet read from the environment
 
 std::atomic<int64_t> g_forward_sequence{0}, g_forward_per_step{0}, g_backward_sequence{0},
     g_backward_per_step{0};
-
-}  // namespace
-
-RecurrencePath recurrence_path() {
-  int p = g_path.load(std::memory_order_relaxed);
-  if (p < 0) {  // first use: the environment's default (an invalid value raises every time)
-    p = static_cast<int>(parse_recurrence_path(std::getenv("MTL_KERNELS_LSTM_PATH")));
-    int expected = -1;
-    g_path.compare_exchange_strong(expected, p);
-    p = g_path.load();
-  }
-  return static_cast<RecurrencePath>(p);
-}
-
-void set_recurrence_path(RecurrencePath path) { g_path.store(static_cast<int>(path)); }
-
-MmaMode parse_mma_mode(const char* v) {
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return MmaMode::kAuto;
-  if (std::strcmp(v, "off") == 0) return MmaMode::kOff;
-  TORCH_CHECK(false, "tensor-core mode (MTL_KERNELS_MMA) must be 'auto' or 'off', got '", v, "'");
-}
-
-const char* mma_mode_name(MmaMode m) { return m == MmaMode::kAuto ? "auto" : "off"; }
-
-namespace {
-std::atomic<int> g_mma{-1};  // -1: not yet read from the environment
 std::atomic<int64_t> g_tc_forward{0}, g_tc_backward{0};
+
 }  // namespace
-
-MmaMode mma_mode() {
-  int m = g_mma.load(std::memory_order_relaxed);
-  if (m < 0) {
-    m = static_cast<int>(parse_mma_mode(std::getenv("MTL_KERNELS_MMA")));
-    int expected = -1;
-    g_mma.compare_exchange_strong(expected, m);
-    m = g_mma.load();
-  }
-  return static_cast<MmaMode>(m);
-}
-
-void set_mma_mode(MmaMode mode) { g_mma.store(static_cast<int>(mode)); }
 
 TensorCoreCounts tensor_core_counts() { return {g_tc_forward.load(), g_tc_backward.load()}; }
 

@@ -18,6 +18,8 @@
 #include <tuple>
 #include <vector>
 
+#include "common/setting.h"
+
 namespace mtl_kernels {
 
 // Strides (elements) of the gate tensors, which follow the input projection's layout:
@@ -140,10 +142,8 @@ BackwardResult recurrence_backward(const BackwardArgs& args, const RecurrenceKer
 //   kSequence the sequence path wherever the backend can run it
 //   kPerStep  always per step
 enum class RecurrencePath { kAuto, kSequence, kPerStep };
-RecurrencePath recurrence_path();
-void set_recurrence_path(RecurrencePath path);
-RecurrencePath parse_recurrence_path(const char* name);
-const char* recurrence_path_name(RecurrencePath path);
+EnvSetting<RecurrencePath, 3>& recurrence_path_setting();  // "auto", "sequence", "per_step"
+inline RecurrencePath recurrence_path() { return recurrence_path_setting().get(); }
 
 // The CPU's `auto` choices so far: one entry per recurrence shape that has been timed on both
 // paths (tests and benchmarks read it through mtl_kernels._C.tuned_paths()).
@@ -159,10 +159,8 @@ void reset_tuned_paths();
 // always the FMA variant. A setter on the extension (mtl_kernels._C.set_tensor_cores), atomic,
 // default taken once from MTL_KERNELS_MMA (auto | off).
 enum class MmaMode { kAuto, kOff };
-MmaMode mma_mode();
-void set_mma_mode(MmaMode mode);
-MmaMode parse_mma_mode(const char* name);
-const char* mma_mode_name(MmaMode mode);
+EnvSetting<MmaMode, 2>& mma_mode_setting();  // "auto", "off"
+inline MmaMode mma_mode() { return mma_mode_setting().get(); }
 // How many persistent launches ran the tensor-core variant (each one is also a sequence-path run).
 struct TensorCoreCounts {
   int64_t forward, backward;
