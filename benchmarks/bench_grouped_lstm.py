@@ -5,7 +5,8 @@ For each config (DESIGN.md): forward and forward+backward medians of
   grouped  - GroupedLSTM (GroupedGRU, GroupedRNN; one grouped op),
   batched  - one nn.LSTM (nn.GRU, nn.RNN) over batch G*B (same arithmetic, shared weights: what
              grouping should cost at most),
-and the speed-ups loop/grouped and grouped/batched, all measured in the same run. With --json,
+and the speed-ups loop/grouped and grouped/batched, all measured in the same run, in interleaved
+rounds (each column once per round), so that a slow spell of a shared machine hits every column. With --json,
 the file is rewritten after every row ("complete": false until the last), so a run stopped by a
 time limit keeps the rows done so far.
 
@@ -17,7 +18,9 @@ can run (the persistent kernel on a GPU where its plan fits, rows in parallel on
 call: T the persistent kernel's tensor-core variant, Q the whole sequence without tensor cores (the
 persistent kernel's FMA variant, or the CPU's sequence path), S per step. The `per-step` column times the per-step path. On CUDA, where the
 tensor-core variant ran (bf16 / fp16; fp32 with --tf32), the `FMA` column times the sequence path
-with it switched off (mtl_kernels.tensor_cores("off")), so that each variant has its column. A
+with it switched off (mtl_kernels.tensor_cores("off")), so that each variant has its column; on a
+CPU with AVX2 in fp32 that column is `untiled`: the grouped path with the register-tiled fp32
+products (csrc/recurrence/cpu_tiles.h) switched off, i.e. on MKL and the generic loops. A
 second table puts the persistent forward's time per step next to its floor: FLOPs (K gates: 4 for
 the LSTM, 3 for the GRU, 1 for the RNN) over the peak of the units that ran it (the tensor cores'
 dense bf16 / fp16 / TF32 peak where the tensor-core variant ran, computed from the SM count and
@@ -44,7 +47,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import mtl_kernels  # noqa: E402
 from mtl_kernels import GroupedRNNBase, _C  # noqa: E402
 from envinfo import describe  # noqa: E402  (benchmarks/ is on sys.path as the script's folder)
-from timing import median_time  # noqa: E402
+from timing import interleaved_medians, median_time  # noqa: E402
 
 # name: (G, B, T, C, H, input kind)  -- per-task models feed each LSTM its own input, parallel
 # branches feed them one shared input.
@@ -84,6 +87,12 @@ def ran_path(fn, device):
             return "T"
         return "Q" if after[f"{kind}_sequence"] > before[f"{kind}_sequence"] else "S"
     return code("forward") + "/" + code("backward")
+
+
+def untiled_column(device, dtype):
+    """On a CPU with AVX2 in fp32 the `FMA` column times the grouped path with its register-tiled
+    products switched off (MKL and the generic loops: what ran before them)."""
+    return device.type == "cpu" and dtype == torch.float32 and _C._cpu_tiles_supported()
 
 
 def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="auto", cell="lstm"):
@@ -130,27 +139,40 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
     if "T" in row["path"]:
         with mtl_kernels.recurrence_path("sequence"), mtl_kernels.tensor_cores("off"):
             row["path_fma"] = ran_path(grouped_fwd_bwd, device)
+    def on(path, fn, tc_mode="auto", cpu_tiles=True):  # fn on a recurrence path (process-wide switches)
+        def run():
+            previous = _C._set_cpu_tiles(cpu_tiles)
+            try:
+                with mtl_kernels.recurrence_path(path), mtl_kernels.tensor_cores(tc_mode):
+                    return fn()
+            finally:
+                _C._set_cpu_tiles(previous)
+        return run
+
     for label, fns in (("fwd", (loop_fwd, grouped_fwd, batched_fwd)),
                        ("fwd+bwd", (loop_fwd_bwd, grouped_fwd_bwd, batched_fwd_bwd))):
         ctx = torch.no_grad() if label == "fwd" else torch.enable_grad()
+        # every column in the same interleaved rounds: the CPU machine's speed drifts by tens of
+        # percent within a run, and the ratios should not depend on which column it hit
+        timed = {"loop": fns[0], "batched": fns[2], "grouped": on(grouped_path, fns[1])}
+        if row["path_fma"] is not None:
+            timed["fma"] = on("sequence", fns[1], "off")
+        if untiled_column(device, dtype):
+            timed["untiled"] = on(grouped_path, fns[1], cpu_tiles=False)
+        if grouped_path != "per_step":
+            timed["per_step"] = on("per_step", fns[1])
         with ctx:
-            t_loop, t_batched = (median_time(f, device, warmup, repeats, min_time) for f in fns[::2])
-            with mtl_kernels.recurrence_path(grouped_path):
-                t_grouped = median_time(fns[1], device, warmup, repeats, min_time)
-            t_fma = None
-            if row["path_fma"] is not None:
-                with mtl_kernels.recurrence_path("sequence"), mtl_kernels.tensor_cores("off"):
-                    t_fma = median_time(fns[1], device, warmup, repeats, min_time)
-            if grouped_path == "per_step":
-                t_step = t_grouped
-            else:
-                with mtl_kernels.recurrence_path("per_step"):
-                    t_step = median_time(fns[1], device, warmup, repeats, min_time)
+            medians = dict(zip(timed, interleaved_medians(list(timed.values()), device, warmup,
+                                                          repeats, min_time)))
+        t_loop, t_batched, t_grouped = medians["loop"], medians["batched"], medians["grouped"]
+        t_fma = medians.get("fma")
+        t_step = medians.get("per_step", t_grouped)
         row[label] = {"loop_ms": t_loop * 1e3, "grouped_ms": t_grouped * 1e3,
                       "batched_ms": t_batched * 1e3, "speedup_vs_loop": t_loop / t_grouped,
                       "grouped_over_batched": t_grouped / t_batched}
         row[label].update({"per_step_ms": t_step * 1e3, "per_step_speedup_vs_loop": t_loop / t_step})
         row[label]["fma_ms"] = t_fma * 1e3 if t_fma is not None else None
+        row[label]["untiled_ms"] = medians["untiled"] * 1e3 if "untiled" in medians else None
     return row
 
 
@@ -323,8 +345,10 @@ def main():
     cuda = device.type == "cuda"
     print(f"# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.{torch_name} over G*B); "
           f"grouped = the {args.grouped_path} path (path fwd/bwd: T tensor cores, Q whole sequence without them, "
-          "S per step), FMA = the sequence path with tensor cores off (where they ran), per-step = the per-step path")
-    step_hdr = f"{'FMA':>9}{'per-step':>9}{'spd':>7}"
+          "S per step), FMA = the sequence path with tensor cores off (where they ran), untiled = the grouped path "
+          "with the CPU's register-tiled fp32 products off (MKL and the generic loops), per-step = the per-step path")
+    alt_name = "untiled" if untiled_column(device, dtype) else "FMA"
+    step_hdr = f"{alt_name:>9}{'per-step':>9}{'spd':>7}"
     hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5}{'path':>5} | "
            f"{'fwd loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr} | "
            f"{'f+b loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr}")
@@ -340,7 +364,8 @@ def main():
             os.replace(tmp, args.json)
 
     def step_cols(d):
-        fma = f"{d['fma_ms']:>9.3f}" if d.get("fma_ms") is not None else f"{'-':>9}"
+        alt = d.get("fma_ms") if d.get("fma_ms") is not None else d.get("untiled_ms")
+        fma = f"{alt:>9.3f}" if alt is not None else f"{'-':>9}"
         return f"{fma}{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
 
     for n in names:

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "recurrence/cpu_tiles.h"
 #include "recurrence/driver.h"
 #include "recurrence/persistent.h"
 #include "recurrence/persistent_mma.h"
@@ -450,6 +451,18 @@ PyObject* py_set_inference_chunk_bytes(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// _C._set_cpu_tiles(on) -> previous: whether the CPU's fp32 products use cpu_tiles (where the
+// CPU supports them; a test and benchmark hook). _C._cpu_tiles_supported(): whether it does.
+PyObject* py_set_cpu_tiles(PyObject*, PyObject* args) {
+  int on;
+  if (!PyArg_ParseTuple(args, "p", &on)) return nullptr;
+  return PyBool_FromLong(cpu_tiles::enabled().exchange(on != 0));
+}
+
+PyObject* py_cpu_tiles_supported(PyObject*, PyObject*) {
+  return PyBool_FromLong(cpu_tiles::supported());
+}
+
 PyMethodDef module_methods[] = {
     {"path_counts", py_path_counts, METH_NOARGS, "recurrences run per path since import"},
     {"set_recurrence_path", py_set_setting<&recurrence_path_setting>, METH_VARARGS,
@@ -469,6 +482,10 @@ PyMethodDef module_methods[] = {
      "persistent launches on the tensor-core variant since import (forward, backward)"},
     {"_set_inference_chunk_bytes", py_set_inference_chunk_bytes, METH_VARARGS,
      "the inference forward's chunk size in bytes (a test hook)"},
+    {"_set_cpu_tiles", py_set_cpu_tiles, METH_VARARGS,
+     "whether the CPU's fp32 products use the register-tiled kernels; returns the previous value"},
+    {"_cpu_tiles_supported", py_cpu_tiles_supported, METH_NOARGS,
+     "whether this CPU runs the register-tiled kernels (AVX2 and FMA)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -308,11 +308,14 @@ def test_invalid_path_variable_raises():
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("H", [1, 5, 64, 129])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_row_parallel_matches_per_step(cell, H, dtype):
-    """The CPU's whole-sequence path (rows in parallel, its own W_hh products) against its
-    per-step path (MKL batched GEMMs), forward and backward, with lengths, both directions."""
-    G, T, B, C = 3, 6, 5, 4
+    """The CPU's whole-sequence path (rows in parallel, its own W_hh products: in fp32 on AVX2 the
+    register-tiled products of cpu_tiles.h, whose 6-row blocks and 16-column panels B = 13 and
+    K * H = 20, 516 leave partial) against its per-step path (MKL batched GEMMs), forward and
+    backward, with lengths, both directions. bf16 keeps B = 5: its elementwise bound is met at that
+    size only."""
+    G, T, B, C = 3, 6, 5 if dtype == torch.bfloat16 else 13, 4
     for reverse in (False, True):
         args = recurrence_args(cell, G, T, B, C, H, dtype, shared=False, bias=True, lengths=True)
         grads = recurrence_grads(cell, G, T, B, H, dtype)
@@ -325,7 +328,8 @@ def test_cpu_row_parallel_matches_per_step(cell, H, dtype):
                                                                            reverse))))
             assert ran[f"forward_{path}"] == 1 and ran[f"backward_{path}"] == 1
         # fp64: the two paths sum the W_hh products in different orders
-        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=3e-2, atol=3e-2)
+        tol = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
+               torch.bfloat16: dict(rtol=3e-2, atol=3e-2)}[dtype]
         assert_all_close(results["sequence"], results["per_step"], **tol)
 
 

@@ -1,7 +1,8 @@
 // CPU kernels of the recurrence, for every cell, and the CPU registration of its ops.
 //   per step : one cell pass over all (group, batch) rows per step (the driver does the GEMMs);
 //   sequence : rows in parallel for the whole sequence, each thread doing its own rows' W_hh
-//              products (the CPU's counterpart of the GPU's persistent kernel).
+//              products (the CPU's counterpart of the GPU's persistent kernel): in fp32 on AVX2
+//              with W_hh packed once per call and register-tiled (cpu_tiles.h), else generic loops.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -12,6 +13,7 @@
 
 #include "cells/cell.h"
 #include "common/dispatch.h"
+#include "recurrence/cpu_tiles.h"
 #include "recurrence/driver.h"
 #include "recurrence/raw_views.h"
 #include "recurrence/registration.h"
@@ -214,8 +216,93 @@ void for_row_blocks(int64_t begin, int64_t end, int64_t B, const F& f) {
   }
 }
 
+// Calls f(g, r0, r1) for each group's part [r0, r1) of the flattened (G, B) rows [begin, end).
+template <typename F>
+void for_group_rows(int64_t begin, int64_t end, int64_t B, const F& f) {
+  for (int64_t r = begin; r < end;) {
+    const int64_t g = r / B, r1 = std::min(end, (g + 1) * B);
+    f(g, r, r1);
+    r = r1;
+  }
+}
+
+// Each group's W_hh (G, KH, H) packed once per call for cpu_tiles (fp32, AVX2): as the forward's
+// (H, KH) right operand (transposed) or as the backward's (KH, H). (G, packed_size) floats.
+at::Tensor pack_weight_hh(const at::Tensor& weight_hh, bool transposed) {
+  const int64_t G = weight_hh.size(0), KH = weight_hh.size(1), H = weight_hh.size(2);
+  const int64_t K = transposed ? H : KH, N = transposed ? KH : H;
+  const at::Tensor w = weight_hh.contiguous();
+  at::Tensor packed = at::empty({G, cpu_tiles::packed_size(K, N)}, w.options());
+  const float* src = w.data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      cpu_tiles::pack_panels(src + g * KH * H, K, N, transposed ? 1 : H, transposed ? H : 1,
+                             dst + g * packed.size(1));
+  });
+  return packed;
+}
+
+// The whole sequence with the recurrent products on cpu_tiles: fp32 where the CPU has AVX2 + FMA.
+template <class Cell>
+void forward_sequence_tiled(const ForwardSequence& s) {
+  const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
+  const at::Tensor packed = pack_weight_hh(s.weight_hh, /*transposed=*/true);  // W_hh[g]^T (H, KH)
+  at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());                // (G, B, KH)
+  const auto q = raw_forward<float>(s);
+  const float* w = packed.data_ptr<float>();
+  float* hp = hproj.data_ptr<float>();
+  at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = forward_time(step, T, s.reverse);
+      const int64_t prev = state_slot(q, prev_slot(t, s.reverse));
+      for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
+        // hproj rows = h_{t-1} rows @ W_hh[g]^T
+        const float* h_rows = q.h_states + g * q.h_sg + prev * q.h_sslot + (r0 - g * B) * H;
+        cpu_tiles::rows_times_packed(h_rows, r1 - r0, H, 1, w + g * packed.size(1), H, KH,
+                                     hp + r0 * KH, KH, /*accumulate=*/false);
+        forward_rows<Cell>(q, hp, t, r0, r1);  // while this group's hproj rows are in L2
+      });
+    }
+  });
+}
+
+template <class Cell>
+void backward_sequence_tiled(const BackwardSequence& s) {
+  const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
+  const at::Tensor packed = pack_weight_hh(s.weight_hh, /*transposed=*/false);  // W_hh[g] (KH, H)
+  at::Tensor dh_a = s.grad_h_n.clone(), dh_b = at::empty_like(dh_a);  // dh in / out, (G, B, H)
+  at::Tensor dc = Cell::kCellState ? s.grad_c_n.clone() : at::Tensor();  // (G, B, H) fp32
+  const auto q = raw_backward<float>(s);
+  const float* w = packed.data_ptr<float>();
+  at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
+    float* dh_in = dh_a.data_ptr<float>();  // each thread swaps its own rows' roles of the two
+    float* dh_out = dh_b.data_ptr<float>();
+    float* dcp = ptr_or_null<float>(dc);
+    for (int64_t step = 0; step < T; ++step) {
+      const int64_t t = backward_time(step, T, s.reverse);
+      for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
+        backward_rows<Cell>(q, dh_in, dh_out, dcp, t, r0, r1);  // drec_t, dc, dh_out = pass
+        // dh_out rows += drec_t rows @ W_hh[g], while this group's drec_t rows are in L2
+        const float* drec_rows =
+            q.drec + g * q.gates_sg + t * q.gates_st + (r0 - g * B) * q.gates_sb;
+        cpu_tiles::rows_times_packed(drec_rows, r1 - r0, q.gates_sb, 1, w + g * packed.size(1), KH,
+                                     H, dh_out + r0 * H, H, /*accumulate=*/true);
+      });
+      std::swap(dh_in, dh_out);
+    }
+    // after the loop dh_in holds grad_h0 for these rows
+    std::copy(dh_in + begin * H, dh_in + end * H, s.grad_h0.data_ptr<float>() + begin * H);
+    if (dcp) std::copy(dcp + begin * H, dcp + end * H, s.grad_c0.data_ptr<float>() + begin * H);
+  });
+}
+
 template <class Cell>
 bool forward_sequence_cpu(const ForwardSequence& s) {
+  if (s.gates.scalar_type() == at::kFloat && cpu_tiles::available()) {
+    forward_sequence_tiled<Cell>(s);
+    return true;
+  }
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_forward_sequence_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
@@ -247,6 +334,10 @@ bool forward_sequence_cpu(const ForwardSequence& s) {
 
 template <class Cell>
 bool backward_sequence_cpu(const BackwardSequence& s) {
+  if (s.gates.scalar_type() == at::kFloat && cpu_tiles::available()) {
+    backward_sequence_tiled<Cell>(s);
+    return true;
+  }
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_backward_sequence_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;

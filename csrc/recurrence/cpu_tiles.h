@@ -1,0 +1,177 @@
+// Register-tiled fp32 products for the CPU's whole-sequence path: out (n, N) (+)= x (n, K) @ W (K, N)
+// with W packed once per call into 16-column panels.
+//
+// Why: at multitask (G = 8, B = 64, H = 256) the recurrent product is most of the time. MKL's
+// batched GEMM re-packs W_hh on every step (~14% of the forward's samples in `perf`) and the
+// rows-in-parallel path's streaming loops (weighted_row_sums in cpu.cpp) are bound by loads and
+// stores of their accumulator rows. Packing W_hh once per call and keeping a 6 x 16 block of the
+// output in 12 AVX2 registers for the whole K loop runs (64 x 256) @ (256 x 1024) at ~74 GFLOP/s
+// on one core of the CI machine, against ~64 for MKL's per-step bmm (benchmarks/NOTES.md).
+//
+// Only float on x86-64 with AVX2 and FMA (checked at run time; the functions carry their own target
+// attribute, so the rest of the build keeps its flags); every other case keeps the generic loops.
+// The driver's other products (input projection, input and weight gradients) stay on MKL: they
+// pack their operands once per call anyway, and at the seed models' sizes these tiles ran them no
+// faster than MKL (~77 vs ~79 GFLOP/s on one core for (320 x 100) @ (100 x 200)).
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define MTL_CPU_TILES 1
+#else
+#define MTL_CPU_TILES 0
+#endif
+
+namespace mtl_kernels {
+namespace cpu_tiles {
+
+constexpr int64_t kPanel = 16;  // output columns per panel: two 8-float AVX2 vectors
+constexpr int64_t kRows = 6;    // output rows per register block: 6 x 2 accumulators + 2 W vectors
+
+inline int64_t panel_count(int64_t N) { return (N + kPanel - 1) / kPanel; }
+
+// Floats of one packed matrix: (panel_count(N), K, kPanel).
+inline int64_t packed_size(int64_t K, int64_t N) { return panel_count(N) * K * kPanel; }
+
+// True where the tiled products can run: an x86-64 CPU with AVX2 and FMA.
+inline bool supported() {
+#if MTL_CPU_TILES
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// A process-wide switch (default on), so that tests and benchmarks can run the same call with
+// and without the tiles: _C._set_cpu_tiles.
+inline std::atomic<bool>& enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+// Whether the CPU's fp32 products take the tiles.
+inline bool available() { return supported() && enabled().load(std::memory_order_relaxed); }
+
+// W (K, N), element (k, n) at w[k * sk + n * sn], into panels: packed[(p * K + k) * kPanel + c] =
+// W(k, p * kPanel + c), zero past N (the last panel's padding columns are computed and dropped).
+// Reads along whichever of k and n is contiguous: the transposed read strode by rows and was ~10x
+// slower.
+inline void pack_panels(const float* w, int64_t K, int64_t N, int64_t sk, int64_t sn, float* packed) {
+  std::fill(packed, packed + packed_size(K, N), 0.f);
+  if (sk == 1) {
+    for (int64_t n = 0; n < N; ++n) {
+      float* dst = packed + (n / kPanel) * K * kPanel + n % kPanel;
+      for (int64_t k = 0; k < K; ++k) dst[k * kPanel] = w[n * sn + k];
+    }
+  } else {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t n = 0; n < N; ++n) packed[((n / kPanel) * K + k) * kPanel + n % kPanel] = w[k * sk + n * sn];
+  }
+}
+
+#if MTL_CPU_TILES
+// out rows r < NR, columns [0, 16): (+)= sum_k x[r * sm + k * sk] * panel[k * 16 + 0 .. 16).
+// Named accumulators, not an array: GCC spilled an array of __m256 to the stack on every k.
+template <int NR>
+__attribute__((target("avx2,fma"))) inline void block(const float* x, int64_t sm, int64_t sk,
+                                                      const float* panel, int64_t K, float* out,
+                                                      int64_t ldo, bool accumulate) {
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+  __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const float* x0 = x;
+  const float* x1 = x + (NR > 1 ? 1 : 0) * sm;
+  const float* x2 = x + (NR > 2 ? 2 : 0) * sm;
+  const float* x3 = x + (NR > 3 ? 3 : 0) * sm;
+  const float* x4 = x + (NR > 4 ? 4 : 0) * sm;
+  const float* x5 = x + (NR > 5 ? 5 : 0) * sm;
+#define MTL_TILE_ROW(r)                                    \
+  if constexpr (NR > r) {                                  \
+    const __m256 a = _mm256_broadcast_ss(x##r + xk);       \
+    c##r##0 = _mm256_fmadd_ps(a, b0, c##r##0);             \
+    c##r##1 = _mm256_fmadd_ps(a, b1, c##r##1);             \
+  }
+  for (int64_t k = 0, xk = 0; k < K; ++k, xk += sk) {
+    const __m256 b0 = _mm256_loadu_ps(panel + k * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+    MTL_TILE_ROW(0) MTL_TILE_ROW(1) MTL_TILE_ROW(2) MTL_TILE_ROW(3) MTL_TILE_ROW(4) MTL_TILE_ROW(5)
+  }
+#undef MTL_TILE_ROW
+#define MTL_TILE_STORE(r)                                                \
+  if constexpr (NR > r) {                                                \
+    float* o = out + r * ldo;                                            \
+    if (accumulate) {                                                    \
+      c##r##0 = _mm256_add_ps(c##r##0, _mm256_loadu_ps(o));              \
+      c##r##1 = _mm256_add_ps(c##r##1, _mm256_loadu_ps(o + 8));          \
+    }                                                                    \
+    _mm256_storeu_ps(o, c##r##0);                                        \
+    _mm256_storeu_ps(o + 8, c##r##1);                                    \
+  }
+  MTL_TILE_STORE(0) MTL_TILE_STORE(1) MTL_TILE_STORE(2) MTL_TILE_STORE(3) MTL_TILE_STORE(4)
+  MTL_TILE_STORE(5)
+#undef MTL_TILE_STORE
+}
+
+inline void block_rows(int64_t nr, const float* x, int64_t sm, int64_t sk, const float* panel,
+                       int64_t K, float* out, int64_t ldo, bool accumulate) {
+  switch (nr) {
+    case 6: return block<6>(x, sm, sk, panel, K, out, ldo, accumulate);
+    case 5: return block<5>(x, sm, sk, panel, K, out, ldo, accumulate);
+    case 4: return block<4>(x, sm, sk, panel, K, out, ldo, accumulate);
+    case 3: return block<3>(x, sm, sk, panel, K, out, ldo, accumulate);
+    case 2: return block<2>(x, sm, sk, panel, K, out, ldo, accumulate);
+    default: return block<1>(x, sm, sk, panel, K, out, ldo, accumulate);
+  }
+}
+#endif
+
+constexpr int64_t kDepth = 256;  // K per pass: a panel's part (16 KB) stays in L1 across row blocks
+
+// out (n, N), row stride ldo: out (+)= x (n, K) @ W, element (r, k) of x at x[r * sm + k * sk], W
+// packed by pack_panels. K in passes of kDepth, panels within a pass, row blocks within a panel:
+// the panel's part stays in L1 across all n rows (keep n * kDepth floats of x within L2). Call only
+// where available().
+inline void rows_times_packed(const float* x, int64_t n, int64_t sm, int64_t sk, const float* packed,
+                              int64_t K, int64_t N, float* out, int64_t ldo, bool accumulate) {
+#if MTL_CPU_TILES
+  if (K == 0) {  // an empty sum
+    if (!accumulate)
+      for (int64_t r = 0; r < n; ++r) std::fill(out + r * ldo, out + r * ldo + N, 0.f);
+    return;
+  }
+  for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
+    const int64_t kd = std::min(kDepth, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    for (int64_t p = 0; p < panel_count(N); ++p) {
+      const float* panel = packed + (p * K + k0) * kPanel;
+      const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+      for (int64_t r = 0; r < n; r += kRows) {
+        const int64_t nr = std::min(kRows, n - r);
+        const float* xr = x + r * sm + k0 * sk;
+        if (nc == kPanel) {
+          block_rows(nr, xr, sm, sk, panel, kd, out + r * ldo + n0, ldo, acc);
+        } else {  // the last, partial panel: through a 16-wide scratch block, then its nc columns
+          float scratch[kRows * kPanel];
+          block_rows(nr, xr, sm, sk, panel, kd, scratch, kPanel, false);
+          for (int64_t i = 0; i < nr; ++i) {
+            float* o = out + (r + i) * ldo + n0;
+            for (int64_t c = 0; c < nc; ++c) o[c] = acc ? o[c] + scratch[i * kPanel + c]
+                                                        : scratch[i * kPanel + c];
+          }
+        }
+      }
+    }
+  }
+#else
+  (void)x, (void)n, (void)sm, (void)sk, (void)packed, (void)K, (void)N, (void)out, (void)ldo,
+      (void)accumulate;
+#endif
+}
+
+}  // namespace cpu_tiles
+}  // namespace mtl_kernels
