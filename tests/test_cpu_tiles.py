@@ -39,8 +39,9 @@ def _to(tensors, dtype):
 
 # (G, T, B, C, H): one of everything; 4H = 68 (4 panels and 4 columns), B = 13 (2 blocks and 1
 # row); a long sequence of a wide input; B = 100 rows of one group split over two threads, H = 129
-# (a 516-deep backward product: 3 passes)
-SHAPES = [(1, 1, 1, 1, 1), (3, 7, 13, 5, 17), (2, 45, 7, 300, 33), (2, 3, 100, 10, 129)]
+# (a 516-deep backward product: 3 passes); B = 301 rows (chunks of 96 and a 13-row one)
+SHAPES = [(1, 1, 1, 1, 1), (3, 7, 13, 5, 17), (2, 45, 7, 300, 33), (2, 3, 100, 10, 129),
+          (1, 4, 301, 3, 9)]
 
 
 @pytest.mark.parametrize("cell", CELLS)

@@ -131,17 +131,24 @@ inline void block_rows(int64_t nr, const float* x, int64_t sm, int64_t sk, const
 #endif
 
 constexpr int64_t kDepth = 256;  // K per pass: a panel's part (16 KB) stays in L1 across row blocks
+constexpr int64_t kRowChunk = 96;  // rows per chunk: 96 x kDepth floats of x (96 KB) stay in L2
 
 // out (n, N), row stride ldo: out (+)= x (n, K) @ W, element (r, k) of x at x[r * sm + k * sk], W
-// packed by pack_panels. K in passes of kDepth, panels within a pass, row blocks within a panel:
-// the panel's part stays in L1 across all n rows (keep n * kDepth floats of x within L2). Call only
-// where available().
+// packed by pack_panels. Rows in chunks of kRowChunk, K in passes of kDepth, panels within a pass,
+// row blocks within a panel: the panel's part stays in L1 across the chunk's rows, and the chunk's
+// part of x in L2 across the panels. Call only where available().
 inline void rows_times_packed(const float* x, int64_t n, int64_t sm, int64_t sk, const float* packed,
                               int64_t K, int64_t N, float* out, int64_t ldo, bool accumulate) {
 #if MTL_CPU_TILES
   if (K == 0) {  // an empty sum
     if (!accumulate)
       for (int64_t r = 0; r < n; ++r) std::fill(out + r * ldo, out + r * ldo + N, 0.f);
+    return;
+  }
+  if (n > kRowChunk) {
+    for (int64_t r = 0; r < n; r += kRowChunk)
+      rows_times_packed(x + r * sm, std::min(kRowChunk, n - r), sm, sk, packed, K, N, out + r * ldo,
+                        ldo, accumulate);
     return;
   }
   for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
