@@ -139,14 +139,14 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
     if "T" in row["path"]:
         with mtl_kernels.recurrence_path("sequence"), mtl_kernels.tensor_cores("off"):
             row["path_fma"] = ran_path(grouped_fwd_bwd, device)
-    def on(path, fn, tc_mode="auto", cpu_tiles=True):  # fn on a recurrence path (process-wide switches)
+    def on(path, fn, tc_mode="auto", cpu_tiles="auto"):  # fn on a recurrence path (process-wide switches)
         def run():
-            previous = _C._set_cpu_tiles(cpu_tiles)
+            previous = _C.set_cpu_tiles(cpu_tiles)
             try:
                 with mtl_kernels.recurrence_path(path), mtl_kernels.tensor_cores(tc_mode):
                     return fn()
             finally:
-                _C._set_cpu_tiles(previous)
+                _C.set_cpu_tiles(previous)
         return run
 
     for label, fns in (("fwd", (loop_fwd, grouped_fwd, batched_fwd)),
@@ -158,7 +158,7 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
         if row["path_fma"] is not None:
             timed["fma"] = on("sequence", fns[1], "off")
         if untiled_column(device, dtype):
-            timed["untiled"] = on(grouped_path, fns[1], cpu_tiles=False)
+            timed["untiled"] = on(grouped_path, fns[1], cpu_tiles="off")
         if grouped_path != "per_step":
             timed["per_step"] = on("per_step", fns[1])
         with ctx:

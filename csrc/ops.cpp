@@ -274,7 +274,8 @@ PyObject* py_path_counts(PyObject*, PyObject*) {
                        (long long)c.backward_sequence, (long long)c.backward_per_step);
 }
 
-// _C.set_recurrence_path(name) / _C.set_tensor_cores(name) -> the previous name, and the getters
+// _C.set_recurrence_path(name) / _C.set_tensor_cores(name) / _C.set_cpu_tiles(name) -> the
+// previous name, and the getters
 // (common/setting.h): a ValueError for an invalid name, or on get for an invalid environment
 // default; the setter replaces such a default.
 template <auto kSetting>
@@ -451,14 +452,7 @@ PyObject* py_set_inference_chunk_bytes(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// _C._set_cpu_tiles(on) -> previous: whether the CPU's fp32 products use cpu_tiles (where the
-// CPU supports them; a test and benchmark hook). _C._cpu_tiles_supported(): whether it does.
-PyObject* py_set_cpu_tiles(PyObject*, PyObject* args) {
-  int on;
-  if (!PyArg_ParseTuple(args, "p", &on)) return nullptr;
-  return PyBool_FromLong(cpu_tiles::enabled().exchange(on != 0));
-}
-
+// _C._cpu_tiles_supported(): whether this CPU runs the register-tiled fp32 products.
 PyObject* py_cpu_tiles_supported(PyObject*, PyObject*) {
   return PyBool_FromLong(cpu_tiles::supported());
 }
@@ -482,8 +476,9 @@ PyMethodDef module_methods[] = {
      "persistent launches on the tensor-core variant since import (forward, backward)"},
     {"_set_inference_chunk_bytes", py_set_inference_chunk_bytes, METH_VARARGS,
      "the inference forward's chunk size in bytes (a test hook)"},
-    {"_set_cpu_tiles", py_set_cpu_tiles, METH_VARARGS,
-     "whether the CPU's fp32 products use the register-tiled kernels; returns the previous value"},
+    {"set_cpu_tiles", py_set_setting<&cpu_tiles::setting>, METH_VARARGS,
+     "the CPU's register-tiled fp32 products: auto or off; returns the previous mode"},
+    {"get_cpu_tiles", py_get_setting<&cpu_tiles::setting>, METH_NOARGS, "the CPU tiles mode"},
     {"_cpu_tiles_supported", py_cpu_tiles_supported, METH_NOARGS,
      "whether this CPU runs the register-tiled kernels (AVX2 and FMA)"},
     {nullptr, nullptr, 0, nullptr}};

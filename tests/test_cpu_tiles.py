@@ -17,10 +17,10 @@ pytestmark = pytest.mark.skipif(not _C._cpu_tiles_supported(), reason="needs a C
 
 @pytest.fixture
 def tiles_off():
-    """Runs the test's body with the tiles switched off (MKL and the generic loops)."""
-    previous = _C._set_cpu_tiles(False)
+    """Runs the test's body with the tiles switched off (the generic loops)."""
+    previous = _C.set_cpu_tiles("off")
     yield
-    _C._set_cpu_tiles(previous)
+    _C.set_cpu_tiles(previous)
 
 
 def _run(cell, args, grads, reverse):
@@ -53,11 +53,11 @@ def test_tiled_fp32_matches_float64_and_untiled(cell, shape, shared, lengths, re
     grads = recurrence_grads(cell, G, T, B, H, dtype=torch.float32)
     with mtl_kernels.recurrence_path("sequence"):
         tiled = _run(cell, args, grads, reverse)
-        _C._set_cpu_tiles(False)
+        previous = _C.set_cpu_tiles("off")
         try:
             untiled = _run(cell, args, grads, reverse)
         finally:
-            _C._set_cpu_tiles(True)
+            _C.set_cpu_tiles(previous)
         exact = _run(cell, _to(args, torch.float64), _to(grads, torch.float64), reverse)
     # norm-relative: a ReLU RNN's states grow to ~1e3, and weight gradients sum T*B products
     errors = {name: [rel_err(a, e) for a, e in zip(got, exact)]
@@ -70,9 +70,14 @@ def test_tiled_fp32_matches_float64_and_untiled(cell, shape, shared, lengths, re
 
 
 def test_switch_returns_the_previous_value(tiles_off):
-    assert _C._set_cpu_tiles(False) is False
-    assert _C._set_cpu_tiles(True) is False
-    assert _C._set_cpu_tiles(False) is True
+    assert _C.get_cpu_tiles() == "off"
+    assert _C.set_cpu_tiles("off") == "off"
+    assert _C.set_cpu_tiles("auto") == "off"
+    assert _C.get_cpu_tiles() == "auto"
+    assert _C.set_cpu_tiles("off") == "auto"
+    with pytest.raises(ValueError, match="'auto' or 'off'"):
+        _C.set_cpu_tiles("on")
+    assert _C.get_cpu_tiles() == "off"
 
 
 @pytest.mark.parametrize("shared", [True, False])

@@ -204,18 +204,6 @@ int64_t sequence_row_grain(int64_t T, int64_t KH, int64_t H) {
   return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, T * KH * H));
 }
 
-// Calls f(r, nr, g) for blocks [r, r + nr) of at most kRowBlock rows of one group, covering
-// [begin, end) of the flattened (G, B) rows.
-template <typename F>
-void for_row_blocks(int64_t begin, int64_t end, int64_t B, const F& f) {
-  for (int64_t r = begin; r < end;) {
-    const int64_t g = r / B;
-    const int64_t nr = std::min({kRowBlock, end - r, (g + 1) * B - r});
-    f(r, nr, g);
-    r += nr;
-  }
-}
-
 // Calls f(g, r0, r1) for each group's part [r0, r1) of the flattened (G, B) rows [begin, end).
 template <typename F>
 void for_group_rows(int64_t begin, int64_t end, int64_t B, const F& f) {
@@ -243,89 +231,72 @@ at::Tensor pack_weight_hh(const at::Tensor& weight_hh, bool transposed) {
   return packed;
 }
 
-// The whole sequence with the recurrent products on cpu_tiles: fp32 where the CPU has AVX2 + FMA.
-template <class Cell>
-void forward_sequence_tiled(const ForwardSequence& s) {
-  const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
-  const at::Tensor packed = pack_weight_hh(s.weight_hh, /*transposed=*/true);  // W_hh[g]^T (H, KH)
-  at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());                // (G, B, KH)
-  const auto q = raw_forward<float>(s);
-  const float* w = packed.data_ptr<float>();
-  float* hp = hproj.data_ptr<float>();
-  at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = forward_time(step, T, s.reverse);
-      const int64_t prev = state_slot(q, prev_slot(t, s.reverse));
-      for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
-        // hproj rows = h_{t-1} rows @ W_hh[g]^T
-        const float* h_rows = q.h_states + g * q.h_sg + prev * q.h_sslot + (r0 - g * B) * H;
-        cpu_tiles::rows_times_packed(h_rows, r1 - r0, H, 1, w + g * packed.size(1), H, KH,
-                                     hp + r0 * KH, KH, /*accumulate=*/false);
-        forward_rows<Cell>(q, hp, t, r0, r1);  // while this group's hproj rows are in L2
-      });
-    }
-  });
-}
+// The whole-sequence path's recurrent product for n rows of one group g: out (n, N) (+)= x (n, K)
+// @ W_g, x's rows sx apart, out's ldo apart. W is W_hh (G, KH, H) prepared once per call: the
+// forward's is its transpose (K = H, N = KH), the backward's itself (K = KH, N = H). In fp32 on an
+// AVX2 CPU packed panels for cpu_tiles; otherwise a contiguous (G, K, N) copy for the generic
+// loops (weighted_row_sums, kRowBlock rows at a time into acc_t scratch).
+template <typename scalar_t>
+class RecurrentProduct {
+ public:
+  using acc_t = at::opmath_type<scalar_t>;
 
-template <class Cell>
-void backward_sequence_tiled(const BackwardSequence& s) {
-  const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
-  const at::Tensor packed = pack_weight_hh(s.weight_hh, /*transposed=*/false);  // W_hh[g] (KH, H)
-  at::Tensor dh_a = s.grad_h_n.clone(), dh_b = at::empty_like(dh_a);  // dh in / out, (G, B, H)
-  at::Tensor dc = Cell::kCellState ? s.grad_c_n.clone() : at::Tensor();  // (G, B, H) fp32
-  const auto q = raw_backward<float>(s);
-  const float* w = packed.data_ptr<float>();
-  at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
-    float* dh_in = dh_a.data_ptr<float>();  // each thread swaps its own rows' roles of the two
-    float* dh_out = dh_b.data_ptr<float>();
-    float* dcp = ptr_or_null<float>(dc);
-    for (int64_t step = 0; step < T; ++step) {
-      const int64_t t = backward_time(step, T, s.reverse);
-      for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
-        backward_rows<Cell>(q, dh_in, dh_out, dcp, t, r0, r1);  // drec_t, dc, dh_out = pass
-        // dh_out rows += drec_t rows @ W_hh[g], while this group's drec_t rows are in L2
-        const float* drec_rows =
-            q.drec + g * q.gates_sg + t * q.gates_st + (r0 - g * B) * q.gates_sb;
-        cpu_tiles::rows_times_packed(drec_rows, r1 - r0, q.gates_sb, 1, w + g * packed.size(1), KH,
-                                     H, dh_out + r0 * H, H, /*accumulate=*/true);
-      });
-      std::swap(dh_in, dh_out);
+  RecurrentProduct(const at::Tensor& weight_hh, bool transposed)
+      : K_(weight_hh.size(transposed ? 2 : 1)),
+        N_(weight_hh.size(transposed ? 1 : 2)),
+        tiled_(std::is_same_v<scalar_t, float> && cpu_tiles::available()),
+        w_(tiled_ ? pack_weight_hh(weight_hh, transposed)
+                  : (transposed ? weight_hh.transpose(1, 2) : weight_hh).contiguous()) {}
+
+  // A thread's scratch for the generic loops (none for the tiles).
+  std::vector<acc_t> scratch() const { return std::vector<acc_t>(tiled_ ? 0 : kRowBlock * N_); }
+
+  void operator()(int64_t g, const scalar_t* x, int64_t n, int64_t sx, scalar_t* out, int64_t ldo,
+                  bool accumulate, std::vector<acc_t>& acc) const {
+    const scalar_t* w = w_.data_ptr<scalar_t>() + g * w_.stride(0);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      if (tiled_) return cpu_tiles::rows_times_packed(x, n, sx, 1, w, K_, N_, out, ldo, accumulate);
     }
-    // after the loop dh_in holds grad_h0 for these rows
-    std::copy(dh_in + begin * H, dh_in + end * H, s.grad_h0.data_ptr<float>() + begin * H);
-    if (dcp) std::copy(dcp + begin * H, dcp + end * H, s.grad_c0.data_ptr<float>() + begin * H);
-  });
-}
+    for (int64_t r = 0; r < n; r += kRowBlock) {
+      const int64_t nr = std::min(kRowBlock, n - r);
+      const scalar_t* rows[kRowBlock];
+      for (int64_t i = 0; i < nr; ++i) rows[i] = x + (r + i) * sx;
+      std::fill(acc.begin(), acc.begin() + nr * N_, acc_t(0));
+      weighted_row_sums(acc.data(), w, N_, rows, nr, K_, N_);
+      for (int64_t i = 0; i < nr; ++i) {
+        scalar_t* o = out + (r + i) * ldo;
+        const acc_t* a = acc.data() + i * N_;
+        for (int64_t c = 0; c < N_; ++c)
+          o[c] = accumulate ? scalar_t(acc_t(o[c]) + a[c]) : scalar_t(a[c]);
+      }
+    }
+  }
+
+ private:
+  int64_t K_, N_;
+  bool tiled_;
+  at::Tensor w_;  // (G, K, N) contiguous, or (G, packed_size) panels where tiled_
+};
 
 template <class Cell>
 bool forward_sequence_cpu(const ForwardSequence& s) {
-  if (s.gates.scalar_type() == at::kFloat && cpu_tiles::available()) {
-    forward_sequence_tiled<Cell>(s);
-    return true;
-  }
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_forward_sequence_cpu", [&] {
-    using acc_t = at::opmath_type<scalar_t>;
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
-    const at::Tensor w_t = s.weight_hh.transpose(1, 2).contiguous();  // (G, H, KH): KH contiguous
-    at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());       // (G, B, KH), rows per thread
+    const RecurrentProduct<scalar_t> product(s.weight_hh, /*transposed=*/true);  // W_hh[g]^T
+    at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());                 // (G, B, KH)
     const auto q = raw_forward<scalar_t>(s);
-    const scalar_t* w = w_t.data_ptr<scalar_t>();
     scalar_t* hp = hproj.data_ptr<scalar_t>();
     at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(kRowBlock * KH);
+      auto scratch = product.scratch();
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = forward_time(step, T, s.reverse);
         const int64_t prev = state_slot(q, prev_slot(t, s.reverse));
-        for_row_blocks(begin, end, B, [&](int64_t r, int64_t nr, int64_t g) {
+        for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
           // hproj rows = h_{t-1} rows @ W_hh[g]^T
-          const scalar_t* h_rows[kRowBlock];
-          for (int64_t i = 0; i < nr; ++i)
-            h_rows[i] = q.h_states + g * q.h_sg + prev * q.h_sslot + (r + i - g * B) * H;
-          std::fill(acc.begin(), acc.begin() + nr * KH, acc_t(0));
-          weighted_row_sums(acc.data(), w + g * H * KH, KH, h_rows, nr, H, KH);
-          for (int64_t n = 0; n < nr * KH; ++n) hp[r * KH + n] = scalar_t(acc[n]);
+          const scalar_t* h_rows = q.h_states + g * q.h_sg + prev * q.h_sslot + (r0 - g * B) * H;
+          product(g, h_rows, r1 - r0, H, hp + r0 * KH, KH, /*accumulate=*/false, scratch);
+          forward_rows<Cell>(q, hp, t, r0, r1);  // while this group's hproj rows are in L2
         });
-        forward_rows<Cell>(q, hp, t, begin, end);
       }
     });
   });
@@ -334,35 +305,28 @@ bool forward_sequence_cpu(const ForwardSequence& s) {
 
 template <class Cell>
 bool backward_sequence_cpu(const BackwardSequence& s) {
-  if (s.gates.scalar_type() == at::kFloat && cpu_tiles::available()) {
-    backward_sequence_tiled<Cell>(s);
-    return true;
-  }
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_backward_sequence_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
+    const RecurrentProduct<scalar_t> product(s.weight_hh, /*transposed=*/false);  // W_hh[g]
     at::Tensor dh_a = s.grad_h_n.clone(), dh_b = at::empty_like(dh_a);  // dh in / out, (G, B, H)
     at::Tensor dc = Cell::kCellState ? s.grad_c_n.clone() : at::Tensor();  // (G, B, H) acc_t
     const auto q = raw_backward<scalar_t>(s);
-    const scalar_t* w = s.weight_hh.data_ptr<scalar_t>();  // (G, KH, H): H contiguous
     at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> acc(kRowBlock * H);
+      auto scratch = product.scratch();
       // each thread swaps its own rows' roles of the two dh buffers
       scalar_t* dh_in = dh_a.data_ptr<scalar_t>();
       scalar_t* dh_out = dh_b.data_ptr<scalar_t>();
       acc_t* dcp = ptr_or_null<acc_t>(dc);
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = backward_time(step, T, s.reverse);
-        backward_rows<Cell>(q, dh_in, dh_out, dcp, t, begin, end);  // drec_t, dc, dh_out = pass
-        for_row_blocks(begin, end, B, [&](int64_t r, int64_t nr, int64_t g) {
-          // dh_out rows += drec_t rows @ W_hh[g]
-          const scalar_t* dr_rows[kRowBlock];
-          for (int64_t i = 0; i < nr; ++i)
-            dr_rows[i] = q.drec + g * q.gates_sg + t * q.gates_st + (r + i - g * B) * q.gates_sb;
-          std::fill(acc.begin(), acc.begin() + nr * H, acc_t(0));
-          weighted_row_sums(acc.data(), w + g * KH * H, H, dr_rows, nr, KH, H);
-          scalar_t* o = dh_out + r * H;
-          for (int64_t k = 0; k < nr * H; ++k) o[k] = scalar_t(acc_t(o[k]) + acc[k]);
+        for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
+          backward_rows<Cell>(q, dh_in, dh_out, dcp, t, r0, r1);  // drec_t, dc, dh_out = pass
+          // dh_out rows += drec_t rows @ W_hh[g], while this group's drec_t rows are in L2
+          const scalar_t* drec_rows =
+              q.drec + g * q.gates_sg + t * q.gates_st + (r0 - g * B) * q.gates_sb;
+          product(g, drec_rows, r1 - r0, q.gates_sb, dh_out + r0 * H, H, /*accumulate=*/true,
+                  scratch);
         });
         std::swap(dh_in, dh_out);
       }

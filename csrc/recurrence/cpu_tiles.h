@@ -16,9 +16,10 @@
 #pragma once
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
+
+#include "common/setting.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -48,15 +49,18 @@ inline bool supported() {
 #endif
 }
 
-// A process-wide switch (default on), so that tests and benchmarks can run the same call with
-// and without the tiles: _C._set_cpu_tiles.
-inline std::atomic<bool>& enabled() {
-  static std::atomic<bool> on{true};
-  return on;
+enum class TilesMode { kAuto, kOff };
+
+// A process-wide switch (common/setting.h), so that tests and benchmarks can run the same call with
+// and without the tiles: _C.set_cpu_tiles("auto" | "off"), default from MTL_KERNELS_CPU_TILES.
+inline EnvSetting<TilesMode, 2>& setting() {
+  static EnvSetting<TilesMode, 2> s("MTL_KERNELS_CPU_TILES", "CPU tiles mode (MTL_KERNELS_CPU_TILES)",
+                                    {"auto", "off"});
+  return s;
 }
 
 // Whether the CPU's fp32 products take the tiles.
-inline bool available() { return supported() && enabled().load(std::memory_order_relaxed); }
+inline bool available() { return supported() && setting().get() == TilesMode::kAuto; }
 
 // W (K, N), element (k, n) at w[k * sk + n * sn], into panels: packed[(p * K + k) * kPanel + c] =
 // W(k, p * kPanel + c), zero past N (the last panel's padding columns are computed and dropped).
