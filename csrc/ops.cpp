@@ -45,12 +45,13 @@ TORCH_LIBRARY(mtl_kernels, m) {
       "grouped_recurrence(str cell, Tensor input, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? bias, Tensor? bias_hh, Tensor? weight_hr, Tensor h0, Tensor? c0, Tensor? lengths, "
       "bool reverse) -> (Tensor output, Tensor h_n, Tensor c_n)");
-  // grad_c_n for lstm only. Returns grad_bias (G, KH), grad_bias_hh (G, KH) [gru; else (0,)],
-  // grad_weight_hr [with weight_hr; else (0,)], grad_c0 [lstm; else (0,)].
+  // grad_c_n for lstm only. Returns grad_input [input_grad; else (0,): input_grad=False spares its
+  // product where the input needs no gradient], grad_bias (G, KH), grad_bias_hh (G, KH) [gru;
+  // else (0,)], grad_weight_hr [with weight_hr; else (0,)], grad_c0 [lstm; else (0,)].
   m.def(
       "grouped_recurrence_backward(str cell, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n, "
       "Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor gates, "
-      "Tensor h_states, Tensor aux, Tensor? lengths, bool reverse) -> "
+      "Tensor h_states, Tensor aux, Tensor? lengths, bool reverse, bool input_grad=True) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_bias_hh, Tensor grad_weight_hr, Tensor grad_h0, Tensor grad_c0)");
 
@@ -91,7 +92,8 @@ TORCH_LIBRARY(mtl_kernels, m) {
   m.def(
       "_grouped_recurrence_backward_in_place(str cell, Tensor grad_output, Tensor grad_h_n, "
       "Tensor? grad_c_n, Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, "
-      "Tensor(a!) gates, Tensor h_states, Tensor aux, Tensor? lengths, bool reverse) -> "
+      "Tensor(a!) gates, Tensor h_states, Tensor aux, Tensor? lengths, bool reverse, "
+      "bool input_grad=True) -> "
       "(Tensor grad_input, Tensor grad_weight_ih, Tensor grad_weight_hh, Tensor grad_bias, "
       "Tensor grad_bias_hh, Tensor grad_weight_hr, Tensor grad_h0, Tensor grad_c0)");
 
@@ -163,7 +165,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> lstm_backward(
     const Tensor& c_states, const OptTensor& lengths, bool reverse) {
   auto [dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0] = recurrence_backward_op().call(
       "lstm", grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, std::nullopt, gates,
-      h_states, c_states, lengths, reverse);
+      h_states, c_states, lengths, reverse, /*input_grad=*/true);
   return {dx, dw_ih, dw_hh, db, dh0, dc0};
 }
 
@@ -182,7 +184,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> gru_backward(
     const OptTensor& lengths, bool reverse) {
   auto [dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0] = recurrence_backward_op().call(
       "gru", grad_output, grad_h_n, std::nullopt, input, weight_ih, weight_hh, std::nullopt, gates,
-      h_states, hn_states, lengths, reverse);
+      h_states, hn_states, lengths, reverse, /*input_grad=*/true);
   return {dx, dw_ih, dw_hh, db, db_hh, dh0};
 }
 
@@ -209,7 +211,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> rnn_backward(
   const Tensor no_aux = at::empty({0}, input.options().dtype(acc_dtype(input.scalar_type())));
   auto [dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0] = recurrence_backward_op().call(
       rnn_cell(nonlinearity, "grouped_rnn_backward"), grad_output, grad_h_n, std::nullopt, input,
-      weight_ih, weight_hh, std::nullopt, gates, h_states, no_aux, lengths, reverse);
+      weight_ih, weight_hh, std::nullopt, gates, h_states, no_aux, lengths, reverse,
+      /*input_grad=*/true);
   return {dx, dw_ih, dw_hh, db, dh0};
 }
 

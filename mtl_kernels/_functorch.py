@@ -85,10 +85,11 @@ class _RecurrenceFunction(torch.autograd.Function):
             g_out = g_out if g_out is not None else input.new_zeros(ctx.output_shape)
             g_h = _zeros_if_none(g_h, h0)
             g_c = _zeros_if_none(g_c, c0) if has_c else None
+            input_grad = ctx.needs_input_grad[1]  # else its product is skipped
             dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0 = ops.grouped_recurrence_backward(
                 ctx.cell, g_out, g_h, g_c, input, weight_ih, weight_hh, weight_hr, gates, h_states,
-                aux, lengths, ctx.reverse)
-            d = [dx, dw_ih, dw_hh, db if has_bias else None, db_hh if has_bias_hh else None,
+                aux, lengths, ctx.reverse, input_grad)
+            d = [dx if input_grad else None, dw_ih, dw_hh, db if has_bias else None, db_hh if has_bias_hh else None,
                  dw_hr if has_proj else None, dh0, dc0 if has_c else None]
         return (None, *d, None, None)
 

@@ -53,19 +53,22 @@ def _recurrence_fake(cell, input, weight_ih, weight_hh, bias, bias_hh, weight_hr
 
 @torch.library.register_fake("mtl_kernels::_grouped_recurrence_backward_in_place")
 def _recurrence_backward_in_place_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
-                                       weight_hh, weight_hr, gates, h_states, aux, lengths, reverse):
+                                       weight_hh, weight_hr, gates, h_states, aux, lengths, reverse,
+                                       input_grad=True):
     return _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
-                                     weight_hh, weight_hr, gates, h_states, aux, lengths, reverse)
+                                     weight_hh, weight_hr, gates, h_states, aux, lengths, reverse,
+                                     input_grad)
 
 
 @torch.library.register_fake("mtl_kernels::grouped_recurrence_backward")
 def _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh,
-                              weight_hr, gates, h_states, aux, lengths, reverse):
+                              weight_hr, gates, h_states, aux, lengths, reverse, input_grad=True):
     G, KH, _ = weight_ih.shape
+    grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
     grad_bias_hh = weight_ih.new_empty(G, KH) if cell == "gru" else weight_ih.new_empty(0)
     grad_w_hr = torch.empty_like(weight_hr) if weight_hr is not None else weight_ih.new_empty(0)
     grad_c0 = torch.empty_like(grad_c_n) if CELL_HAS_STATE[cell] else grad_h_n.new_empty(0)
-    return (torch.empty_like(input), torch.empty_like(weight_ih), torch.empty_like(weight_hh),
+    return (grad_input, torch.empty_like(weight_ih), torch.empty_like(weight_hh),
             weight_ih.new_empty(G, KH), grad_bias_hh, grad_w_hr, torch.empty_like(grad_h_n),
             grad_c0)
 

@@ -150,6 +150,10 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction<k
     const Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(h0);
     OptTensor grad_c_n;
     if (cell_state) grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(c0);
+    // Edge 0 is the input (the first tensor argument: `cell` has none). False where it needs no
+    // gradient, or this backward (autograd.grad over the weights) asks for none: its product is
+    // skipped.
+    const bool input_grad = ctx->needs_input_grad(0);
     BackwardResult d;
     if constexpr (kHidden) {
       if (ctx->saved_data.count("gates_consumed")) {  // retain_graph: the forward again
@@ -159,15 +163,17 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction<k
                               opt(weight_hr), h0, opt(c0), opt(lengths), reverse);
       }
       ctx->saved_data["gates_consumed"] = true;
-      d = recurrence_backward_in_place_op().call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
-                  gates, h_states, aux, opt(lengths), reverse);
+      d = recurrence_backward_in_place_op().call(cell, grad_output, grad_h_n, grad_c_n, input,
+                                                 weight_ih, weight_hh, opt(weight_hr), gates,
+                                                 h_states, aux, opt(lengths), reverse, input_grad);
     } else {
-      d = recurrence_backward_op().call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, opt(weight_hr),
-                  gates, h_states, aux, opt(lengths), reverse);
+      d = recurrence_backward_op().call(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                        weight_hh, opt(weight_hr), gates, h_states, aux,
+                                        opt(lengths), reverse, input_grad);
     }
     auto [d_input, d_w_ih, d_w_hh, d_bias, d_bias_hh, d_w_hr, d_h0, d_c0] = d;
     return {Tensor(),
-            d_input,
+            input_grad ? d_input : Tensor(),
             d_w_ih,
             d_w_hh,
             has_bias ? d_bias : Tensor(),

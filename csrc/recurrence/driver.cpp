@@ -702,14 +702,16 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   at::Tensor grad_w_hh = at::bmm(dr.transpose(1, 2), h_prev);  // (G, KH, R)
   at::Tensor grad_bias = dg.sum(1);                            // (G, KH)
   at::Tensor grad_bias_hh = Cell::kRecBias ? dr.sum(1) : at::empty({0}, opts);
-  at::Tensor grad_w_ih, grad_input;
+  at::Tensor grad_w_ih, grad_input = at::empty({0}, opts);
   if (s.shared) {
     const at::Tensor dg2 = dgates.view({T * B, G * KH});
     grad_w_ih = at::mm(dg2.t(), input.view({T * B, C})).view({G, KH, C});
-    grad_input = at::mm(dg2, weight_ih.view({G * KH, C})).view({T, B, C});  // sums over groups
+    if (a.input_grad) {
+      grad_input = at::mm(dg2, weight_ih.view({G * KH, C})).view({T, B, C});  // sums over groups
+    }
   } else {
     grad_w_ih = at::bmm(dg.transpose(1, 2), input.view({G, T * B, C}));  // (G, KH, C)
-    grad_input = at::bmm(dg, weight_ih).view({G, T, B, C});
+    if (a.input_grad) grad_input = at::bmm(dg, weight_ih).view({G, T, B, C});
   }
   grad_c0 = Cell::kCellState ? grad_c0.to(dtype) : at::empty({0}, opts);
   return {grad_input, grad_w_ih, grad_w_hh, grad_bias, grad_bias_hh, grad_w_hr, grad_h0, grad_c0};

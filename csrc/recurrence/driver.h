@@ -107,13 +107,16 @@ struct BackwardArgs {
   const at::Tensor& aux;       // (G, T+1, B, H) acc dtype (cells with kAux), else ignored
   const std::optional<at::Tensor>& lengths;
   bool reverse;
+  // false: no grad_input is computed (a (0,) placeholder is returned), which spares the
+  // (T*B, G*KH) x (G*KH, C) product of a layer whose input needs no gradient (a model's data).
+  bool input_grad = true;
 };
 
 // output (G, T, B, R), h_n (G, B, R), c_n (G, B, H) [(0,) without a cell state], gates,
 // h_states (G, T+1, B, R), aux (G, T+1, B, H) acc dtype [(0,) without aux].
 using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// grad_input, grad_weight_ih, grad_weight_hh, grad_bias (G, KH), grad_bias_hh (G, KH) [(0,) for
+// grad_input [(0,) when not input_grad], grad_weight_ih, grad_weight_hh, grad_bias (G, KH), grad_bias_hh (G, KH) [(0,) for
 // cells that fold b_hh], grad_weight_hr [(0,) without a projection], grad_h0, grad_c0 [(0,)
 // without a cell state].
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,

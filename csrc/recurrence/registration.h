@@ -43,17 +43,18 @@ InferenceResult inference_op(c10::string_view cell, const at::Tensor& input,
 
 // grouped_recurrence_backward(str cell, Tensor grad_output, Tensor grad_h_n, Tensor? grad_c_n,
 //     Tensor input, Tensor weight_ih, Tensor weight_hh, Tensor? weight_hr, Tensor gates,
-//     Tensor h_states, Tensor aux, Tensor? lengths, bool reverse)
+//     Tensor h_states, Tensor aux, Tensor? lengths, bool reverse, bool input_grad=True)
 template <BackwardImpl F>
 BackwardResult backward_op(c10::string_view cell, const at::Tensor& grad_output,
                            const at::Tensor& grad_h_n, const OptTensor& grad_c_n,
                            const at::Tensor& input, const at::Tensor& weight_ih,
                            const at::Tensor& weight_hh, const OptTensor& weight_hr,
                            const at::Tensor& gates, const at::Tensor& h_states,
-                           const at::Tensor& aux, const OptTensor& lengths, bool reverse) {
+                           const at::Tensor& aux, const OptTensor& lengths, bool reverse,
+                           bool input_grad) {
   return F(std::string(cell), BackwardArgs{grad_output, grad_h_n, grad_c_n, input, weight_ih,
                                            weight_hh, weight_hr, gates, h_states, aux, lengths,
-                                           reverse});
+                                           reverse, input_grad});
 }
 
 // _grouped_recurrence_backward_in_place: the same arguments, gates mutated (Tensor(a!)).
@@ -63,10 +64,11 @@ BackwardResult backward_in_place_op(c10::string_view cell, const at::Tensor& gra
                                     const at::Tensor& input, const at::Tensor& weight_ih,
                                     const at::Tensor& weight_hh, const OptTensor& weight_hr,
                                     at::Tensor& gates, const at::Tensor& h_states,
-                                    const at::Tensor& aux, const OptTensor& lengths, bool reverse) {
+                                    const at::Tensor& aux, const OptTensor& lengths, bool reverse,
+                                    bool input_grad) {
   return F(std::string(cell), BackwardArgs{grad_output, grad_h_n, grad_c_n, input, weight_ih,
                                            weight_hh, weight_hr, gates, h_states, aux, lengths,
-                                           reverse});
+                                           reverse, input_grad});
 }
 
 // The ops' unboxed signatures, and their handles for calls from C++ (the autograd, the per-cell
@@ -81,11 +83,11 @@ using InferenceSig = InferenceResult(c10::string_view, const Tensor&, const Tens
 using BackwardSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&, const OptTensor&,
                                    const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
                                    const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
-                                   bool);
+                                   bool, bool);
 using BackwardInPlaceSig = BackwardResult(c10::string_view, const Tensor&, const Tensor&,
                                           const OptTensor&, const Tensor&, const Tensor&,
                                           const Tensor&, const OptTensor&, Tensor&, const Tensor&,
-                                          const Tensor&, const OptTensor&, bool);
+                                          const Tensor&, const OptTensor&, bool, bool);
 
 template <typename Sig>
 c10::TypedOperatorHandle<Sig> find_op(const char* name) {
