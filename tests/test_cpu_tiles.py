@@ -91,3 +91,26 @@ def test_module_parity_with_nn_lstm_fp32(shared):
                                                        with_lengths=True, with_hx=True,
                                                        dtype=torch.float32)
             check_parity(lstms, grouped, x, hx, lengths, torch.float32)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("tiles", ["auto", "off"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_chunked_inference_reuses_the_prepared_weight(cell, tiles, reverse):
+    """An inference forward in chunks of two steps prepares W_hh (packed panels, or the generic
+    loops' transposed copy) at its first chunk and reuses it for the others: every chunk's
+    results against the float64 op, three groups with their own weights."""
+    args = recurrence_args(cell, 3, 7, 13, 5, 17, dtype=torch.float32, shared=False, lengths=True)
+    previous = _C.set_cpu_tiles(tiles)
+    _C._set_inference_chunk_bytes(1)  # two steps per chunk: four chunks
+    try:
+        with mtl_kernels.recurrence_path("sequence"), torch.no_grad():
+            got = ops.grouped_recurrence(cell, *args, reverse)
+            exact = ops.grouped_recurrence(cell, *_to(args, torch.float64), reverse)
+    finally:
+        _C._set_inference_chunk_bytes(8 << 20)
+        _C.set_cpu_tiles(previous)
+    for a, e in zip(got, exact):
+        if e.numel():
+            assert not a.isnan().any()
+            assert rel_err(a, e) < 1e-5

@@ -223,7 +223,9 @@ at::Tensor pack_weight_hh(const at::Tensor& weight_hh, bool transposed) {
   at::Tensor packed = at::empty({G, cpu_tiles::packed_size(K, N)}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+  // threads only for large weights: a fork/join costs more than packing a small one
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, KH * H));
+  at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       cpu_tiles::pack_panels(src + g * KH * H, K, N, transposed ? 1 : H, transposed ? H : 1,
                              dst + g * packed.size(1));
@@ -235,18 +237,26 @@ at::Tensor pack_weight_hh(const at::Tensor& weight_hh, bool transposed) {
 // @ W_g, x's rows sx apart, out's ldo apart. W is W_hh (G, KH, H) prepared once per call: the
 // forward's is its transpose (K = H, N = KH), the backward's itself (K = KH, N = H). In fp32 on an
 // AVX2 CPU packed panels for cpu_tiles; otherwise a contiguous (G, K, N) copy for the generic
-// loops (weighted_row_sums, kRowBlock rows at a time into acc_t scratch).
+// loops (weighted_row_sums, kRowBlock rows at a time into acc_t scratch). `prepared`, where given,
+// keeps that W across calls on the same weight_hh (the chunks of one inference forward): filled by
+// the first, reused by the others.
 template <typename scalar_t>
 class RecurrentProduct {
  public:
   using acc_t = at::opmath_type<scalar_t>;
 
-  RecurrentProduct(const at::Tensor& weight_hh, bool transposed)
+  RecurrentProduct(const at::Tensor& weight_hh, bool transposed, at::Tensor* prepared = nullptr)
       : K_(weight_hh.size(transposed ? 2 : 1)),
         N_(weight_hh.size(transposed ? 1 : 2)),
-        tiled_(std::is_same_v<scalar_t, float> && cpu_tiles::available()),
-        w_(tiled_ ? pack_weight_hh(weight_hh, transposed)
-                  : (transposed ? weight_hh.transpose(1, 2) : weight_hh).contiguous()) {}
+        tiled_(std::is_same_v<scalar_t, float> && cpu_tiles::available()) {
+    if (prepared && prepared->defined()) {
+      w_ = *prepared;
+      return;
+    }
+    w_ = tiled_ ? pack_weight_hh(weight_hh, transposed)
+                : (transposed ? weight_hh.transpose(1, 2) : weight_hh).contiguous();
+    if (prepared) *prepared = w_;
+  }
 
   // A thread's scratch for the generic loops (none for the tiles).
   std::vector<acc_t> scratch() const { return std::vector<acc_t>(tiled_ ? 0 : kRowBlock * N_); }
@@ -282,7 +292,8 @@ template <class Cell>
 bool forward_sequence_cpu(const ForwardSequence& s) {
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_forward_sequence_cpu", [&] {
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
-    const RecurrentProduct<scalar_t> product(s.weight_hh, /*transposed=*/true);  // W_hh[g]^T
+    const RecurrentProduct<scalar_t> product(s.weight_hh, /*transposed=*/true,  // W_hh[g]^T
+                                             s.prepared_weight_hh.get());
     at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());                 // (G, B, KH)
     const auto q = raw_forward<scalar_t>(s);
     scalar_t* hp = hproj.data_ptr<scalar_t>();

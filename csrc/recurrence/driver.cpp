@@ -549,6 +549,8 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
   // Chunks in the direction's order; each runs as a sequence of its own (local steps 0..n-1 are
   // times t0..t0+n-1, its first state slot where the previous chunk left the state).
   int64_t left_slot = -1;  // where the previous chunk left the state
+  // the sequence kernel's prepared W_hh, made once for all chunks
+  const auto prepared_weight_hh = std::make_shared<at::Tensor>();
   for (int64_t c = 0; c < T; c += chunk) {
     const int64_t n = std::min(chunk, T - c);
     const int64_t t0 = a.reverse ? T - c - n : c;
@@ -565,6 +567,7 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
                         f.bias_hh, h_states, aux, output.narrow(1, t0, n), f.lengths, a.reverse,
                         G,        n,        B,   H};
     seq.t0 = t0;
+    seq.prepared_weight_hh = prepared_weight_hh;
     run_recurrence(seq, kernels, op, tune_key<Cell>("inference", G, B, H, dtype), [&] {
       const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
       const auto run = [&] { return seconds([&] { recurrence_inference<Cell>(x.args(), kernels); }); };

@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <memory>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -44,6 +45,9 @@ struct ForwardSequence {
   bool reverse;
   int64_t G, T, B, H;
   int64_t t0 = 0;  // the time of step 0 (an inference forward runs the sequence in chunks)
+  // A backend's preparation of weight_hh for its sequence kernel (the CPU's packed panels), made
+  // by the first chunk of an inference forward and reused by the others; null: none kept.
+  std::shared_ptr<at::Tensor> prepared_weight_hh;
 };
 
 struct BackwardSequence {
