@@ -99,14 +99,16 @@ def test_module_parity_with_nn_lstm_fp32(shared):
 def test_chunked_inference_reuses_the_prepared_weight(cell, tiles, reverse):
     """An inference forward in chunks of two steps prepares W_hh (packed panels, or the generic
     loops' transposed copy) at its first chunk and reuses it for the others: every chunk's
-    results against the float64 op, three groups with their own weights."""
+    results against the float64 training forward on the per-step path (no chunks, no prepared
+    W_hh), three groups with their own weights."""
     args = recurrence_args(cell, 3, 7, 13, 5, 17, dtype=torch.float32, shared=False, lengths=True)
+    with mtl_kernels.recurrence_path("per_step"):
+        exact = ops.grouped_recurrence_forward(cell, *_to(args, torch.float64), reverse)[:3]
     previous = _C.set_cpu_tiles(tiles)
     _C._set_inference_chunk_bytes(1)  # two steps per chunk: four chunks
     try:
         with mtl_kernels.recurrence_path("sequence"), torch.no_grad():
             got = ops.grouped_recurrence(cell, *args, reverse)
-            exact = ops.grouped_recurrence(cell, *_to(args, torch.float64), reverse)
     finally:
         _C._set_inference_chunk_bytes(8 << 20)
         _C.set_cpu_tiles(previous)

@@ -83,8 +83,14 @@ def test_module_skips_only_the_first_layers_input_gradient(device, cell, bidirec
             m(x)[0].backward(cot)
         return [p.grad.clone() for p in m.parameters()], calls.input_grad
 
-    want, flags_with = weight_grads(x.clone().requires_grad_())
+    x_grad = x.clone().requires_grad_()
+    want, flags_with = weight_grads(x_grad)
     got, flags_without = weight_grads(x)
+    for g, (mod, xg, cg) in enumerate(zip(m.to_modules(), x.unbind(0), cot.unbind(0))):
+        # the input gradient where it is asked for: the torch module's
+        xg = xg.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(mod(xg)[0], xg, cg)
+        torch.testing.assert_close(x_grad.grad[g], dx)
     dirs = 2 if bidirectional else 1
     assert flags_with == [True] * (2 * dirs)
     assert sorted(flags_without) == [False] * dirs + [True] * dirs

@@ -251,6 +251,7 @@ class RecurrentProduct {
         tiled_(std::is_same_v<scalar_t, float> && cpu_tiles::available()) {
     if (prepared && prepared->defined()) {
       w_ = *prepared;
+      tiled_ = w_.dim() == 2;  // its own layout, whatever the tiles switch says now
       return;
     }
     w_ = tiled_ ? pack_weight_hh(weight_hh, transposed)

@@ -45,8 +45,8 @@ struct ForwardSequence {
   bool reverse;
   int64_t G, T, B, H;
   int64_t t0 = 0;  // the time of step 0 (an inference forward runs the sequence in chunks)
-  // A backend's preparation of weight_hh for its sequence kernel (the CPU's packed panels), made
-  // by the first chunk of an inference forward and reused by the others; null: none kept.
+  // A backend's preparation of weight_hh for its sequence kernel (the CPU's packed panels),
+  // made by the first chunk of an inference forward and reused by the others; null: none kept.
   std::shared_ptr<at::Tensor> prepared_weight_hh;
 };
 
@@ -120,9 +120,9 @@ struct BackwardArgs {
 // h_states (G, T+1, B, R), aux (G, T+1, B, H) acc dtype [(0,) without aux].
 using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-// grad_input [(0,) when not input_grad], grad_weight_ih, grad_weight_hh, grad_bias (G, KH), grad_bias_hh (G, KH) [(0,) for
-// cells that fold b_hh], grad_weight_hr [(0,) without a projection], grad_h0, grad_c0 [(0,)
-// without a cell state].
+// grad_input [(0,) when not input_grad], grad_weight_ih, grad_weight_hh, grad_bias (G, KH),
+// grad_bias_hh (G, KH) [(0,) for cells that fold b_hh], grad_weight_hr [(0,) without a
+// projection], grad_h0, grad_c0 [(0,) without a cell state].
 using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                   at::Tensor, at::Tensor, at::Tensor>;
 
