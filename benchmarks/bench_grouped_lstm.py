@@ -141,12 +141,9 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
             row["path_fma"] = ran_path(grouped_fwd_bwd, device)
     def on(path, fn, tc_mode="auto", cpu_tiles="auto"):  # fn on a recurrence path (process-wide switches)
         def run():
-            previous = _C.set_cpu_tiles(cpu_tiles)
-            try:
-                with mtl_kernels.recurrence_path(path), mtl_kernels.tensor_cores(tc_mode):
-                    return fn()
-            finally:
-                _C.set_cpu_tiles(previous)
+            with mtl_kernels.recurrence_path(path), mtl_kernels.tensor_cores(tc_mode), \
+                    mtl_kernels.cpu_tiles(cpu_tiles):
+                return fn()
         return run
 
     for label, fns in (("fwd", (loop_fwd, grouped_fwd, batched_fwd)),

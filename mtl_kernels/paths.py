@@ -5,6 +5,7 @@ from . import _C
 
 PATHS = ("auto", "sequence", "per_step")
 TENSOR_CORE_MODES = ("auto", "off")
+CPU_TILES_MODES = ("auto", "off")
 
 
 @contextlib.contextmanager
@@ -66,6 +67,18 @@ def tensor_cores(mode: str):
     the environment variable ``MTL_KERNELS_MMA``, read once.
     """
     return _scoped_setting(_C.set_tensor_cores, TENSOR_CORE_MODES, "tensor_cores", mode)
+
+
+def cpu_tiles(mode: str):
+    """Whether the CPU's whole-sequence path may run its register-tiled fp32 products
+    (``csrc/recurrence/cpu_tiles.h``, on x86-64 CPUs with AVX2 and FMA), within a ``with`` block.
+
+    ``"auto"`` (the default): the tiles where the CPU supports them; ``"off"``: the generic loops
+    (for comparisons in tests and benchmarks). One process-wide atomic setting
+    (``mtl_kernels._C.set_cpu_tiles``); its default comes from the environment variable
+    ``MTL_KERNELS_CPU_TILES``, read once.
+    """
+    return _scoped_setting(_C.set_cpu_tiles, CPU_TILES_MODES, "cpu_tiles", mode)
 
 
 def tensor_core_counts() -> dict:

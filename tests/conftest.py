@@ -24,6 +24,15 @@ def device(request):
         yield torch.device(kind)
 
 
+@pytest.fixture
+def small_chunks():
+    """Inference chunks of a few steps, so that a short test sequence spans several (and an odd
+    last one)."""
+    mtl_kernels._C._set_inference_chunk_bytes(1)  # two steps per chunk
+    yield
+    mtl_kernels._C._set_inference_chunk_bytes(8 << 20)
+
+
 @pytest.fixture(params=CUDA_PATHS, ids=[f"cuda-{p}" for p in CUDA_PATHS])
 def cuda_path(request):
     """For GPU-only tests: run them on both recurrence paths (ids "cuda-sequence", "cuda-per_step",

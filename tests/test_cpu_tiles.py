@@ -18,9 +18,8 @@ pytestmark = pytest.mark.skipif(not _C._cpu_tiles_supported(), reason="needs a C
 @pytest.fixture
 def tiles_off():
     """Runs the test's body with the tiles switched off (the generic loops)."""
-    previous = _C.set_cpu_tiles("off")
-    yield
-    _C.set_cpu_tiles(previous)
+    with mtl_kernels.cpu_tiles("off"):
+        yield
 
 
 def _run(cell, args, grads, reverse):
@@ -53,11 +52,8 @@ def test_tiled_fp32_matches_float64_and_untiled(cell, shape, shared, lengths, re
     grads = recurrence_grads(cell, G, T, B, H, dtype=torch.float32)
     with mtl_kernels.recurrence_path("sequence"):
         tiled = _run(cell, args, grads, reverse)
-        previous = _C.set_cpu_tiles("off")
-        try:
+        with mtl_kernels.cpu_tiles("off"):
             untiled = _run(cell, args, grads, reverse)
-        finally:
-            _C.set_cpu_tiles(previous)
         exact = _run(cell, _to(args, torch.float64), _to(grads, torch.float64), reverse)
     # norm-relative: a ReLU RNN's states grow to ~1e3, and weight gradients sum T*B products
     errors = {name: [rel_err(a, e) for a, e in zip(got, exact)]
@@ -96,7 +92,7 @@ def test_module_parity_with_nn_lstm_fp32(shared):
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("tiles", ["auto", "off"])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_chunked_inference_reuses_the_prepared_weight(cell, tiles, reverse):
+def test_chunked_inference_reuses_the_prepared_weight(small_chunks, cell, tiles, reverse):
     """An inference forward in chunks of two steps prepares W_hh (packed panels, or the generic
     loops' transposed copy) at its first chunk and reuses it for the others: every chunk's
     results against the float64 training forward on the per-step path (no chunks, no prepared
@@ -104,15 +100,24 @@ def test_chunked_inference_reuses_the_prepared_weight(cell, tiles, reverse):
     args = recurrence_args(cell, 3, 7, 13, 5, 17, dtype=torch.float32, shared=False, lengths=True)
     with mtl_kernels.recurrence_path("per_step"):
         exact = ops.grouped_recurrence_forward(cell, *_to(args, torch.float64), reverse)[:3]
-    previous = _C.set_cpu_tiles(tiles)
-    _C._set_inference_chunk_bytes(1)  # two steps per chunk: four chunks
-    try:
-        with mtl_kernels.recurrence_path("sequence"), torch.no_grad():
-            got = ops.grouped_recurrence(cell, *args, reverse)
-    finally:
-        _C._set_inference_chunk_bytes(8 << 20)
-        _C.set_cpu_tiles(previous)
+    # seven steps in chunks of two (small_chunks): four chunks
+    with mtl_kernels.cpu_tiles(tiles), mtl_kernels.recurrence_path("sequence"), torch.no_grad():
+        got = ops.grouped_recurrence(cell, *args, reverse)
     for a, e in zip(got, exact):
         if e.numel():
             assert not a.isnan().any()
             assert rel_err(a, e) < 1e-5
+
+
+def test_context_manager_restores_the_switch():
+    before = _C.get_cpu_tiles()
+    with mtl_kernels.cpu_tiles("off"):
+        assert _C.get_cpu_tiles() == "off"
+        with mtl_kernels.cpu_tiles("auto"):
+            assert _C.get_cpu_tiles() == "auto"
+        assert _C.get_cpu_tiles() == "off"
+    assert _C.get_cpu_tiles() == before
+    with pytest.raises(ValueError, match="cpu_tiles must be one of"):
+        with mtl_kernels.cpu_tiles("on"):
+            pass
+    assert _C.get_cpu_tiles() == before

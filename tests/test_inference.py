@@ -8,16 +8,8 @@ import torch
 
 import mtl_kernels
 from helpers import CELLS, backward_args, recurrence_args, recurrence_grads
-from mtl_kernels import GroupedGRU, GroupedLSTM, GroupedRNN, _C
+from mtl_kernels import GroupedGRU, GroupedLSTM, GroupedRNN
 from mtl_kernels import _ops
-
-
-@pytest.fixture
-def small_chunks():
-    """Chunks of a few steps, so that a short test sequence spans several (and an odd last one)."""
-    _C._set_inference_chunk_bytes(1)  # two steps per chunk
-    yield
-    _C._set_inference_chunk_bytes(8 << 20)
 
 
 @pytest.mark.parametrize("cell", CELLS)

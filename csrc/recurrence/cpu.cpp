@@ -248,14 +248,8 @@ class RecurrentProduct {
   RecurrentProduct(const at::Tensor& weight_hh, bool transposed, at::Tensor* prepared = nullptr)
       : K_(weight_hh.size(transposed ? 2 : 1)),
         N_(weight_hh.size(transposed ? 1 : 2)),
-        tiled_(std::is_same_v<scalar_t, float> && cpu_tiles::available()) {
-    if (prepared && prepared->defined()) {
-      w_ = *prepared;
-      tiled_ = w_.dim() == 2;  // its own layout, whatever the tiles switch says now
-      return;
-    }
-    w_ = tiled_ ? pack_weight_hh(weight_hh, transposed)
-                : (transposed ? weight_hh.transpose(1, 2) : weight_hh).contiguous();
+        w_(prepared && prepared->defined() ? *prepared : prepare(weight_hh, transposed)),
+        tiled_(w_.dim() == 2) {  // a reused W keeps its layout, whatever the switch says now
     if (prepared) *prepared = w_;
   }
 
@@ -284,9 +278,16 @@ class RecurrentProduct {
   }
 
  private:
+  // Packed panels (G, packed_size) in fp32 where the tiles are available, else (G, K, N).
+  static at::Tensor prepare(const at::Tensor& weight_hh, bool transposed) {
+    if (std::is_same_v<scalar_t, float> && cpu_tiles::available())
+      return pack_weight_hh(weight_hh, transposed);
+    return (transposed ? weight_hh.transpose(1, 2) : weight_hh).contiguous();
+  }
+
   int64_t K_, N_;
-  bool tiled_;
   at::Tensor w_;  // (G, K, N) contiguous, or (G, packed_size) panels where tiled_
+  bool tiled_;
 };
 
 template <class Cell>
