@@ -23,7 +23,9 @@ TORCH_LIBRARY(mtl_kernels, m) {
   // One layer, one direction, all G groups (K = 4 lstm, 3 gru, 1 rnn_*):
   //   input (T, B, C) shared by the groups, or (G, T, B, C) one per group
   //   weight_ih (G, KH, C), weight_hh (G, KH, H)
-  //   bias (G, KH): lstm / rnn: b_ih + b_hh folded; gru: b_ih, with bias_hh (G, KH) apart
+  //   bias (G, KH): b_ih (or lstm / rnn: b_ih + b_hh, already summed); bias_hh (G, KH): b_hh or
+  //   None [gru: inside r * (W_hn h + b_hn), so given with bias or not at all; lstm / rnn: the
+  //   op adds it to bias, and its gradient in backward is grad_bias]
   //   weight_hr (G, P, H): lstm only, nn.LSTM's proj_size: h_t = W_hr (o * tanh(c_t)), P wide
   //   h0 (G, B, R) with R = P or H; c0 (G, B, H) for lstm only; lengths (B,) int64: steps
   //   t >= lengths[b] are padding (state held, output 0)
@@ -250,6 +252,15 @@ auto recurrence_autocast(c10::string_view cell, const Tensor& input, const Tenso
   const auto cast_opt = [&](const OptTensor& t) {
     return t.has_value() ? OptTensor(cast(*t)) : std::nullopt;
   };
+  // A b_hh that the op would add to the bias (lstm, rnn) is added here, before the cast, in the
+  // parameters' dtype: one rounding to the autocast dtype, as for a bias summed by the caller.
+  // Only biases of one shape (no broadcast): others go to the op as they are, which rejects them.
+  if (bias.has_value() && bias_hh.has_value() && bias->sizes() == bias_hh->sizes() &&
+      parse_cell(std::string(cell)) != CellKind::kGru) {
+    return kOp().call(cell, cast(input), cast(weight_ih), cast(weight_hh),
+                      OptTensor(cast(*bias + *bias_hh)), std::nullopt, cast_opt(weight_hr),
+                      cast(h0), cast_opt(c0), lengths, reverse);
+  }
   return kOp().call(cell, cast(input), cast(weight_ih), cast(weight_hh), cast_opt(bias),
                     cast_opt(bias_hh), cast_opt(weight_hr), cast(h0), cast_opt(c0), lengths,
                     reverse);

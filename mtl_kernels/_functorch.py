@@ -89,6 +89,8 @@ class _RecurrenceFunction(torch.autograd.Function):
             dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0 = ops.grouped_recurrence_backward(
                 ctx.cell, g_out, g_h, g_c, input, weight_ih, weight_hh, weight_hr, gates, h_states,
                 aux, lengths, ctx.reverse, input_grad)
+            if ctx.cell != "gru":  # the op added b_hh to the bias: the same gradient
+                db_hh = db
             d = [dx if input_grad else None, dw_ih, dw_hh, db if has_bias else None,
                  db_hh if has_bias_hh else None, dw_hr if has_proj else None, dh0,
                  dc0 if has_c else None]

@@ -113,7 +113,8 @@ def recurrence_layer(cell: str, input: Tensor, weight_ih: Tensor, weight_hh: Ten
     """One layer, one direction, all G groups of a cell ("lstm", "gru", "rnn_tanh", "rnn_relu").
 
     input (T, B, C) shared or (G, T, B, C) per group; weight_ih (G, KH, C); weight_hh (G, KH, R);
-    bias (G, KH) (lstm / rnn: b_ih + b_hh; gru: b_ih) or None; bias_hh (G, KH) (gru only) or None;
+    bias (G, KH) (b_ih, or for lstm / rnn b_ih + b_hh summed) or None; bias_hh (G, KH) (b_hh: gru
+    keeps it apart, lstm / rnn add it to bias in the op) or None;
     h0 (G, B, R); c0 (G, B, H) (lstm only); lengths (B,) int64 on input's device or None;
     weight_hr (G, P, H) (lstm only, a projection: R = P, else R = H).
     Returns output (G, T, B, R), h_n (G, B, R), c_n (G, B, H) or None.

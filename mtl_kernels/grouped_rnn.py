@@ -163,9 +163,16 @@ class GroupedRNNBase(nn.Module):
         """A no-op, for code written for nn.LSTM: the grouped op reads the parameters as they are."""
 
     def _layer_params(self, layer: int, direction: int):
-        sfx = f"l{layer}" + ("_reverse" if direction == 1 else "")
-        get = lambda name: getattr(self, name + sfx, None)  # noqa: E731
-        return get("weight_ih_"), get("weight_hh_"), get("bias_ih_"), get("bias_hh_"), get("weight_hr_")
+        """(weight_ih, weight_hh, bias_ih, bias_hh, weight_hr) of a layer and direction, None where
+        the configuration has none (bias=False, no proj_size). A registered parameter is read from
+        _parameters (five nn.Module.__getattr__ calls took ~15 us per layer on the 2-core CI CPU);
+        anything else (a parametrization's property, a weight set by a hook) by getattr."""
+        sfx = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+        params = self._parameters
+        present = (True, True, self.bias, self.bias, self.proj_size > 0)
+        return tuple((params[name] if name in params else getattr(self, name)) if has else None
+                     for name, has in zip(("weight_ih" + sfx, "weight_hh" + sfx, "bias_ih" + sfx,
+                                           "bias_hh" + sfx, "weight_hr" + sfx), present))
 
     def extra_repr(self) -> str:
         s = f"num_groups={self.num_groups}, {self.input_size}, {self.hidden_size}"
@@ -342,7 +349,10 @@ class GroupedRNNBase(nn.Module):
         if T == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         lengths = self._check_lengths(lengths, B, T, x.device)
-        h0, c0 = self._check_hx(hx, G, B, x, unbatched)
+        # hx None: zero states, made per layer and direction below
+        h0, c0 = (None, None) if hx is None else self._check_hx(hx, G, B, x, unbatched)
+        lstm = self.mode == "LSTM"
+        R = self.proj_size or self.hidden_size
 
         D = 2 if self.bidirectional else 1
         cell = self.cell
@@ -356,14 +366,16 @@ class GroupedRNNBase(nn.Module):
                     w_ih, w_hh, b_ih, b_hh, w_hr = (
                         None if w is None else w.index_select(0, group_index)
                         for w in (w_ih, w_hh, b_ih, b_hh, w_hr))
-                if cell == "gru":  # b_hn stays inside r * (W_hn h + b_hn): both biases go in
-                    bias, bias_hh = b_ih, b_hh
-                else:  # folded: one bias b_ih + b_hh
-                    bias, bias_hh = (b_ih + b_hh if b_ih is not None else None), None
+                # both biases as they are: gru keeps b_hn inside r * (W_hn h + b_hn), the other
+                # cells' op adds b_hh to b_ih (no add here, and no autograd node for one)
                 k = layer * D + d
-                out, h, c = recurrence_layer(cell, layer_input, w_ih, w_hh, bias, bias_hh,
-                                             h0[:, k], None if c0 is None else c0[:, k], lengths,
-                                             reverse=d == 1, weight_hr=w_hr)
+                if hx is None:  # zero initial states, one layer and direction's own
+                    h0_k = x.new_zeros(G, B, R)
+                    c0_k = x.new_zeros(G, B, self.hidden_size) if lstm else None
+                else:
+                    h0_k, c0_k = h0[:, k], (None if c0 is None else c0[:, k])
+                out, h, c = recurrence_layer(cell, layer_input, w_ih, w_hh, b_ih, b_hh, h0_k, c0_k,
+                                             lengths, reverse=d == 1, weight_hr=w_hr)
                 outs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -372,14 +384,16 @@ class GroupedRNNBase(nn.Module):
                 layer_out = nn.functional.dropout(layer_out, self.dropout, training=True)
             layer_input = layer_out
         output = layer_input
-        h_n = torch.stack(h_n, 1)  # (G, L*D, B, R)
-        hidden = (h_n, torch.stack(c_n, 1)) if c0 is not None else h_n
+        # (G, L*D, B, R): fresh tensors, not views of the op's results (as nn.LSTM's: detach_()
+        # on them, as truncated BPTT does, must work)
+        h_n = torch.stack(h_n, 1)
+        hidden = (h_n, torch.stack(c_n, 1)) if lstm else h_n
 
         if packed:
             return self._pack_like(output, input, lengths), hidden
         if unbatched:  # drop the batch dim of one
             output = output.squeeze(2)
-            hidden = tuple(t.squeeze(2) for t in hidden) if c0 is not None else hidden.squeeze(2)
+            hidden = tuple(t.squeeze(2) for t in hidden) if lstm else hidden.squeeze(2)
         elif self.batch_first:
             output = output.transpose(1, 2)  # (G, B, T, D*R)
         return output, hidden
@@ -434,13 +448,10 @@ class GroupedRNNBase(nn.Module):
         return lengths.to(device=device, dtype=torch.int64)
 
     def _check_hx(self, hx, G: int, B: int, x: Tensor, unbatched: bool):
-        """hx -> (h0, c0 or None), each (G, L*D, B, width)."""
+        """hx (given) -> (h0, c0 or None), each (G, L*D, B, width)."""
         LD = self.num_layers * (2 if self.bidirectional else 1)
         R = self.proj_size or self.hidden_size
         lstm = self.mode == "LSTM"
-        if hx is None:
-            h0 = x.new_zeros(G, LD, B, R)
-            return h0, (x.new_zeros(G, LD, B, self.hidden_size) if lstm else None)
         if lstm:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise ValueError("hx must be a tuple (h0, c0) for an LSTM")

@@ -569,3 +569,54 @@ def test_data_parallel_gloo_two_processes_matches_single_process(tmp_path, mode)
     outs = [p.communicate(timeout=240)[0] for p in procs]
     for r, (p, out) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"rank {r} ok" in out, out
+
+
+# ---- parameters read each call: parametrizations and weight hooks apply ------------------------
+class _Scale(nn.Module):
+    def forward(self, w):
+        return 0.5 * w
+
+
+def test_parametrized_and_hooked_weights_are_the_ones_used():
+    """torch.nn.utils.parametrize (a property replaces the parameter) and the older weight_norm
+    (a forward pre-hook sets a plain tensor attribute) both decide what the forward reads, as in
+    nn.LSTM."""
+    from torch.nn.utils import parametrize
+    torch.manual_seed(0)
+    lstms = nn.ModuleList([nn.LSTM(3, 4, bidirectional=True).double() for _ in range(2)])
+    grouped = GroupedLSTM.from_lstms(lstms)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    unscaled = grouped(x)[0].detach()
+    for m in [grouped, *lstms]:
+        parametrize.register_parametrization(m, "weight_hh_l0_reverse", _Scale())
+        parametrize.register_parametrization(m, "bias_hh_l0", _Scale())
+    want = torch.stack([m(x)[0] for m in lstms])
+    got = grouped(x)[0]
+    torch.testing.assert_close(got, want)
+    assert (got - unscaled).abs().max() > 1e-3  # the parametrized values were the ones used
+    got.sum().backward()
+    orig = grouped.parametrizations.weight_hh_l0_reverse.original
+    assert orig.grad is not None and orig.grad.abs().sum() > 0
+
+    # weight_norm: weight = g v / |v|, recomputed by a pre-hook each call; doubling g doubles it
+    plain = GroupedLSTM(2, 3, 4).double()
+    normed = torch.nn.utils.weight_norm(copy.deepcopy(plain), "weight_ih_l0")
+    with torch.no_grad():
+        normed.weight_ih_l0_g.mul_(2)
+        plain.weight_ih_l0.mul_(2)
+    torch.testing.assert_close(normed(x)[0], plain(x)[0])
+
+
+def test_states_are_fresh_tensors_that_detach_in_place():
+    """Truncated BPTT cuts the graph with h.detach_() between chunks: h_n and c_n must not be views
+    (nn.LSTM's are not)."""
+    for m in (GroupedLSTM(2, 3, 4), GroupedLSTM(2, 3, 4, num_layers=2, bidirectional=True)):
+        x = torch.randn(5, 2, 3)
+        hx = None
+        for _ in range(2):
+            out, hx = m(x, hx)
+            out.sum().backward()
+            for t in hx:
+                assert t._base is None
+                t.detach_()
+                assert not t.requires_grad

@@ -172,12 +172,16 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction<k
                                         opt(lengths), reverse, input_grad);
     }
     auto [d_input, d_w_ih, d_w_hh, d_bias, d_bias_hh, d_w_hr, d_h0, d_c0] = d;
+    // A cell without a recurrent bias of its own (lstm, rnn) had b_hh added to the bias: the
+    // same gradient
+    const bool folded_bias_hh =
+        dispatch_cell(parse_cell(cell), [](auto c) { return !decltype(c)::kRecBias; });
     return {Tensor(),
             input_grad ? d_input : Tensor(),
             d_w_ih,
             d_w_hh,
             has_bias ? d_bias : Tensor(),
-            has_bias_hh ? d_bias_hh : Tensor(),
+            has_bias_hh ? (folded_bias_hh ? d_bias : d_bias_hh) : Tensor(),
             weight_hr.defined() ? d_w_hr : Tensor(),
             d_h0,
             cell_state ? d_c0 : Tensor(),

@@ -392,8 +392,14 @@ ForwardInputs check_forward(const char* op, const ForwardArgs& a) {
     TORCH_CHECK(f.bias.defined() == f.bias_hh.defined(), op,
                 ": bias_ih and bias_hh must be given together (or neither)");
     if (f.bias_hh.defined()) check_arg(f.bias_hh, {op, "bias_hh", {G, KH}, dtype, device});
-  } else {
-    TORCH_CHECK(!f.bias_hh.defined(), op, ": takes one bias (b_ih + b_hh), not bias_hh");
+  } else if (f.bias_hh.defined()) {
+    // b_hh adds to the same pre-activation as b_ih: folded here, so that the modules pass both
+    // parameters as they are (no add of their own, and no autograd node for it; the backward's
+    // bias gradient is both's)
+    TORCH_CHECK(f.bias.defined(), op, ": bias_hh is given without bias (bias_ih)");
+    check_arg(f.bias_hh, {op, "bias_hh", {G, KH}, dtype, device});
+    f.bias = f.bias + f.bias_hh;
+    f.bias_hh = at::Tensor();
   }
   check_arg(a.h0, {op, "h0", {G, B, f.s.R}, dtype, device});
   f.c0 = optional_arg(a.c0);

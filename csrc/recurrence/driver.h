@@ -90,7 +90,7 @@ struct ForwardArgs {
   const at::Tensor& weight_ih;  // (G, KH, C)
   const at::Tensor& weight_hh;  // (G, KH, R)
   const std::optional<at::Tensor>& bias;       // (G, KH)
-  const std::optional<at::Tensor>& bias_hh;    // (G, KH), cells with kRecBias only
+  const std::optional<at::Tensor>& bias_hh;    // (G, KH); cells without kRecBias: added to bias
   const std::optional<at::Tensor>& weight_hr;  // (G, P, H), LSTM only: h_t = W_hr (o tanh(c_t))
   const at::Tensor& h0;                        // (G, B, R)
   const std::optional<at::Tensor>& c0;         // (G, B, H), cell-state cells only
