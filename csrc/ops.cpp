@@ -256,7 +256,7 @@ auto recurrence_autocast(c10::string_view cell, const Tensor& input, const Tenso
   // parameters' dtype: one rounding to the autocast dtype, as for a bias summed by the caller.
   // Only biases of one shape (no broadcast): others go to the op as they are, which rejects them.
   if (bias.has_value() && bias_hh.has_value() && bias->sizes() == bias_hh->sizes() &&
-      parse_cell(std::string(cell)) != CellKind::kGru) {
+      folds_bias_hh(parse_cell(std::string(cell)))) {
     return kOp().call(cell, cast(input), cast(weight_ih), cast(weight_hh),
                       OptTensor(cast(*bias + *bias_hh)), std::nullopt, cast_opt(weight_hr),
                       cast(h0), cast_opt(c0), lengths, reverse);

@@ -55,4 +55,10 @@ decltype(auto) dispatch_cell(CellKind kind, const F& f) {
   }
 }
 
+// Whether the ops add a given b_hh to the bias for this cell (one without a recurrent bias of its
+// own: lstm, rnn), so that b_hh's gradient is the bias's. The GRU keeps b_hn apart.
+inline bool folds_bias_hh(CellKind kind) {
+  return dispatch_cell(kind, [](auto c) { return !decltype(c)::kRecBias; });
+}
+
 }  // namespace mtl_kernels

@@ -1,6 +1,6 @@
 // A process-wide enum setting of the extension (the recurrence path, the tensor-core switch, the
-// CPU tiles switch): one atomic, set from Python (mtl_kernels._C.set_<name>, the first two wrapped
-// as context managers in mtl_kernels/paths.py), whose default is read once from an environment
+// CPU tiles switch): one atomic, set from Python (mtl_kernels._C.set_<name>, each wrapped as a
+// context manager in mtl_kernels/paths.py), whose default is read once from an environment
 // variable.
 #pragma once
 

@@ -172,10 +172,7 @@ class RecurrenceFunction : public torch::autograd::Function<RecurrenceFunction<k
                                         opt(lengths), reverse, input_grad);
     }
     auto [d_input, d_w_ih, d_w_hh, d_bias, d_bias_hh, d_w_hr, d_h0, d_c0] = d;
-    // A cell without a recurrent bias of its own (lstm, rnn) had b_hh added to the bias: the
-    // same gradient
-    const bool folded_bias_hh =
-        dispatch_cell(parse_cell(cell), [](auto c) { return !decltype(c)::kRecBias; });
+    const bool folded_bias_hh = folds_bias_hh(parse_cell(cell));  // then b_hh's grad is the bias's
     return {Tensor(),
             input_grad ? d_input : Tensor(),
             d_w_ih,

@@ -536,15 +536,16 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
   constexpr int64_t K = Cell::kGates;
   const std::string op_s = op_name<Cell>(false);
   const char* op = op_s.c_str();
+  // the projected LSTM keeps its per-step path: the plain forward (which checks the arguments)
+  if (optional_arg(a.weight_hr).defined()) {
+    auto r = recurrence_forward<Cell>(a, kernels);
+    return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
+  }
   const ForwardInputs f = check_forward<Cell>(op, a);
   const Shape& s = f.s;
   const int64_t G = s.G, T = s.T, B = s.B, H = s.H, R = s.R, KH = K * H;
   const at::ScalarType dtype = a.input.scalar_type();
   const auto opts = a.input.options();
-  if (f.weight_hr.defined()) {  // the projected LSTM keeps its per-step path: the plain forward
-    auto r = recurrence_forward<Cell>(a, kernels);
-    return {std::get<0>(r), std::get<1>(r), std::get<2>(r)};
-  }
   const int64_t chunk = inference_chunk(T, B * G * KH * a.input.element_size());
   const at::Tensor gates_buf = s.shared ? at::empty({chunk, B, G, KH}, opts)
                                         : at::empty({G, chunk, B, KH}, opts);
