@@ -2,6 +2,7 @@
 then at least `repeats` runs, more (up to `max_runs`) until `min_time` seconds have passed.
 `interleaved_medians` times several callables in alternating rounds, so that a slow spell of a
 noisy machine falls on all of them alike rather than on whichever was being timed then."""
+import random
 import statistics
 import time
 
@@ -26,17 +27,25 @@ def median_time(fn, device, warmup=3, repeats=15, min_time=0.5, max_runs=None):
 
 
 def interleaved_medians(fns, device, warmup=3, repeats=15, min_time=0.5, max_runs=None):
-    """The median time of each of `fns`, timed in rounds (each callable once per round, the order
-    rotating from round to round), at least `repeats` rounds, more (up to `max_runs`) until the
-    rounds have taken `min_time` seconds."""
+    """The median time of each of `fns`, timed in rounds (each callable once per round, in an order
+    shuffled afresh every round), at least `repeats` rounds, more (up to `max_runs`) until the
+    rounds have taken `min_time` seconds.
+
+    Why shuffled rather than rotated: on the CPU a callable's time depends on what ran just before
+    it (what the previous one left in the caches and the allocator; benchmarks/NOTES.md). A rotation
+    keeps the cyclic order, so every callable but the round's first always follows the same one
+    and carries that neighbour's effect in every round; a fresh random order (seeded: the same
+    sequence of orders every run) gives each callable every predecessor alike."""
     max_runs = max_runs or 10 * repeats
     for fn in fns:
         for _ in range(warmup):
             fn()
+    order_rng = random.Random(0)
+    order = list(range(len(fns)))
     times, t_start, rounds = [[] for _ in fns], time.perf_counter(), 0
     while rounds < repeats or (time.perf_counter() - t_start < min_time and rounds < max_runs):
-        for i in range(len(fns)):
-            j = (i + rounds) % len(fns)
+        order_rng.shuffle(order)
+        for j in order:
             times[j].append(_time_once(fns[j], device))
         rounds += 1
     return [statistics.median(t) for t in times]
