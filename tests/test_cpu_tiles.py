@@ -93,19 +93,86 @@ def test_module_parity_with_nn_lstm_fp32(shared):
 @pytest.mark.parametrize("tiles", ["auto", "off"])
 @pytest.mark.parametrize("reverse", [False, True])
 def test_chunked_inference_reuses_the_prepared_weight(small_chunks, cell, tiles, reverse):
-    """An inference forward in chunks of two steps prepares W_hh (packed panels, or the generic
-    loops' transposed copy) at its first chunk and reuses it for the others: every chunk's
-    results against the float64 training forward on the per-step path (no chunks, no prepared
-    W_hh), three groups with their own weights."""
+    """An inference forward on the sequence path, against the float64 training forward on the
+    per-step path (no chunks, no prepared W_hh), three groups with their own weights. Tiles off:
+    chunks of two steps (small_chunks), W_hh prepared (the generic loops' transposed copy) at the
+    first chunk and reused by the others. Tiles on: the kernel projects the input itself, one
+    sequence run for all seven steps whatever the chunk size."""
     args = recurrence_args(cell, 3, 7, 13, 5, 17, dtype=torch.float32, shared=False, lengths=True)
     with mtl_kernels.recurrence_path("per_step"):
         exact = ops.grouped_recurrence_forward(cell, *_to(args, torch.float64), reverse)[:3]
-    # seven steps in chunks of two (small_chunks): four chunks
+    before = mtl_kernels.path_counts()["forward_sequence"]
     with mtl_kernels.cpu_tiles(tiles), mtl_kernels.recurrence_path("sequence"), torch.no_grad():
         got = ops.grouped_recurrence(cell, *args, reverse)
+    runs = mtl_kernels.path_counts()["forward_sequence"] - before
+    assert runs == (1 if tiles == "auto" else 4)  # seven steps in chunks of two: four chunks
     for a, e in zip(got, exact):
         if e.numel():
             assert not a.isnan().any()
+            assert rel_err(a, e) < 1e-5
+
+
+# (G, T, B, C, H): one of everything; odd sizes past the tiles' blocks (B = 13: 6 + 6 + 1 rows;
+# 4H = 68: 4 panels and 4 columns; C = 300: a 300-deep projection, two 256-deep passes); one
+# group's 100 rows split over two threads
+PROJECTION_SHAPES = [(1, 1, 1, 1, 1), (3, 7, 13, 5, 17), (2, 9, 7, 300, 6), (2, 4, 100, 10, 9)]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", PROJECTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("lengths,reverse", [(True, False), (False, True), (True, True)])
+def test_inference_projecting_in_the_kernel(cell, shape, shared, lengths, reverse):
+    """The inference forward whose sequence kernel projects x_t W_ih^T itself, step by step (fp32
+    with the tiles), against the float64 training forward and against the same call with the
+    projection by MKL in chunks (tiles off), for a shared input and one per group, with lengths and
+    either direction. The output buffer is NaN-poisoned first: any element left unwritten shows."""
+    G, T, B, C, H = shape
+    args = recurrence_args(cell, G, T, B, C, H, dtype=torch.float32, shared=shared, lengths=lengths)
+    exact = ops.grouped_recurrence_forward(cell, *_to(args, torch.float64), reverse)[:3]
+    with mtl_kernels.recurrence_path("sequence"), torch.no_grad():
+        before = mtl_kernels.path_counts()["forward_sequence"]
+        with mtl_kernels.cpu_tiles("auto"):
+            got = ops.grouped_recurrence(cell, *args, reverse)
+        assert mtl_kernels.path_counts()["forward_sequence"] - before == 1
+        with mtl_kernels.cpu_tiles("off"):
+            chunked = ops.grouped_recurrence(cell, *args, reverse)
+    for a, c, e in zip(got, chunked, exact):
+        if e.numel():
+            assert not a.isnan().any(), "an element no kernel wrote (NaN-poisoned)"
+            assert rel_err(a, e) < 1e-5
+            assert rel_err(a, c) < 1e-5
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", PROJECTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shared,lengths,reverse", [(True, True, False), (False, True, True)])
+def test_training_forward_projecting_in_the_kernel(cell, shape, shared, lengths, reverse):
+    """The training forward on the sequence path in fp32 with the tiles projects the input inside
+    the kernel too: every result (output, states and the saved values backward reads) against the
+    same call with the projection by MKL (tiles off), the gates buffer NaN-poisoned first, and the
+    gradients from those saved values against float64."""
+    G, T, B, C, H = shape
+    args = recurrence_args(cell, G, T, B, C, H, dtype=torch.float32, shared=shared, lengths=lengths)
+    grads = recurrence_grads(cell, G, T, B, H, dtype=torch.float32)
+    with mtl_kernels.recurrence_path("sequence"):
+        before = mtl_kernels.path_counts()["forward_sequence"]
+        with mtl_kernels.cpu_tiles("auto"):
+            fused = ops.grouped_recurrence_forward(cell, *args, reverse)
+        assert mtl_kernels.path_counts()["forward_sequence"] - before == 1
+        with mtl_kernels.cpu_tiles("off"):
+            gemm = ops.grouped_recurrence_forward(cell, *args, reverse)
+        d_fused = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, fused, reverse))
+        args64, grads64 = _to(args, torch.float64), _to(grads, torch.float64)
+        fwd64 = ops.grouped_recurrence_forward(cell, *args64, reverse)
+        d_exact = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads64, args64, fwd64,
+                                                                       reverse))
+    for a, g in zip(fused, gemm):
+        if g.numel():
+            assert not a.isnan().any(), "an element no kernel wrote (NaN-poisoned)"
+            assert rel_err(a, g) < 1e-5
+    for a, e in zip(d_fused, d_exact):
+        if e.numel():
             assert rel_err(a, e) < 1e-5
 
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -290,21 +291,68 @@ class RecurrentProduct {
   bool tiled_;
 };
 
+// The inference forward's input projection inside the sequence kernel (ForwardSequence::
+// projected_input): W_ih[g]^T prepared as W_hh's is, and each step's x_t rows -> the one-step
+// gates rows. Only where the tiles run (cpu_projects_input): elsewhere MKL's GEMM is faster than
+// the generic loops, and the driver projects in chunks.
+template <typename scalar_t>
+class InputProjection {
+ public:
+  explicit InputProjection(const ForwardSequence& s)
+      : on_(s.projected_input.defined()),
+        shared_(on_ && s.projected_input.dim() == 3),
+        x_(on_ ? s.projected_input.data_ptr<scalar_t>() : nullptr),
+        T_(on_ ? s.projected_input.size(shared_ ? 0 : 1) : 0),
+        C_(on_ ? s.projected_input.size(-1) : 0) {
+    if (on_) product_.emplace(s.weight_ih, /*transposed=*/true);  // W_ih[g]^T: (C, KH)
+  }
+
+  bool on() const { return on_; }
+  std::vector<at::opmath_type<scalar_t>> scratch() const {
+    return on_ ? product_->scratch() : std::vector<at::opmath_type<scalar_t>>();
+  }
+
+  // gates rows [r0, r1) of group g (flattened (G, B) rows, `gates` at row r0, rows ldg apart) =
+  // x_t rows @ W_ih[g]^T, for time t.
+  void operator()(int64_t g, int64_t r0, int64_t r1, int64_t B, int64_t t, scalar_t* gates,
+                  int64_t ldg, std::vector<at::opmath_type<scalar_t>>& scratch) const {
+    const int64_t b0 = r0 - g * B;
+    const scalar_t* x = x_ + (shared_ ? (t * B + b0) * C_ : ((g * T_ + t) * B + b0) * C_);
+    (*product_)(g, x, r1 - r0, C_, gates, ldg, /*accumulate=*/false, scratch);
+  }
+
+ private:
+  bool on_, shared_;
+  const scalar_t* x_;  // (T, B, C) shared or (G, T, B, C) per group, contiguous
+  int64_t T_, C_;
+  std::optional<RecurrentProduct<scalar_t>> product_;
+};
+
+bool cpu_projects_input(const at::Tensor& input) {
+  return input.scalar_type() == at::kFloat && cpu_tiles::available();
+}
+
 template <class Cell>
 bool forward_sequence_cpu(const ForwardSequence& s) {
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_forward_sequence_cpu", [&] {
     const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
     const RecurrentProduct<scalar_t> product(s.weight_hh, /*transposed=*/true,  // W_hh[g]^T
                                              s.prepared_weight_hh.get());
+    const InputProjection<scalar_t> project(s);  // off unless the driver handed over the input
     at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());                 // (G, B, KH)
     const auto q = raw_forward<scalar_t>(s);
     scalar_t* hp = hproj.data_ptr<scalar_t>();
     at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
       auto scratch = product.scratch();
+      auto project_scratch = project.scratch();
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = forward_time(step, T, s.reverse);
         const int64_t prev = state_slot(q, prev_slot(t, s.reverse));
         for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
+          if (project.on()) {  // this step's gates rows = x_t rows @ W_ih[g]^T
+            scalar_t* gate_rows = q.gates + g * q.gates_sg + t * q.gates_st + (r0 - g * B) * q.gates_sb;
+            project(g, r0, r1, B, q.t0 + t, gate_rows, q.gates_sb, project_scratch);
+          }
           // hproj rows = h_{t-1} rows @ W_hh[g]^T
           const scalar_t* h_rows = q.h_states + g * q.h_sg + prev * q.h_sslot + (r0 - g * B) * H;
           product(g, h_rows, r1 - r0, H, hp + r0 * KH, KH, /*accumulate=*/false, scratch);
@@ -353,9 +401,9 @@ bool backward_sequence_cpu(const BackwardSequence& s) {
 
 // `auto` times both paths per shape (which wins depends on this machine's GEMM and caches).
 template <class Cell>
-constexpr RecurrenceKernels kCpuKernels{&forward_step_cpu<Cell>, &backward_step_cpu<Cell>,
+constexpr RecurrenceKernels kCpuKernels{&forward_step_cpu<Cell>,     &backward_step_cpu<Cell>,
                                         &forward_sequence_cpu<Cell>, &backward_sequence_cpu<Cell>,
-                                        /*tuned=*/true};
+                                        /*tuned=*/true,              &cpu_projects_input};
 
 }  // namespace
 

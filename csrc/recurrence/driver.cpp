@@ -142,16 +142,24 @@ double seconds(const F& f) {
 // Runs one recurrence on the path the switch, the tuner or the sizes choose: run_sequence() returns
 // false when the sequence path cannot run these sizes; run_per_step() always runs; calibrate():
 // see PathTuner (called for a tuned backend's `auto` only).
-template <typename SequenceFn, typename PerStepFn, typename Calibrate>
-void choose_and_run(const RecurrenceKernels& kernels, bool has_sequence, const std::string& key,
-                    const SequenceFn& run_sequence, const PerStepFn& run_per_step,
-                    const Calibrate& calibrate, std::atomic<int64_t>& sequence_count,
-                    std::atomic<int64_t>& per_step_count) {
+// Whether choose_and_run tries the sequence path first (the switch, or the tuner's choice).
+template <typename Calibrate>
+bool sequence_chosen(const RecurrenceKernels& kernels, bool has_sequence, const std::string& key,
+                     const Calibrate& calibrate) {
   const RecurrencePath path =
       t_forced_path >= 0 ? static_cast<RecurrencePath>(t_forced_path) : recurrence_path();
   bool try_sequence = has_sequence && path != RecurrencePath::kPerStep;
   if (try_sequence && path == RecurrencePath::kAuto && kernels.tuned)
     try_sequence = tuner().sequence(key, calibrate);
+  return try_sequence;
+}
+
+template <typename SequenceFn, typename PerStepFn, typename Calibrate>
+void choose_and_run(const RecurrenceKernels& kernels, bool has_sequence, const std::string& key,
+                    const SequenceFn& run_sequence, const PerStepFn& run_per_step,
+                    const Calibrate& calibrate, std::atomic<int64_t>& sequence_count,
+                    std::atomic<int64_t>& per_step_count) {
+  const bool try_sequence = sequence_chosen(kernels, has_sequence, key, calibrate);
   const bool counted = t_forced_path < 0;  // the calibration's own runs are not counted
   if (try_sequence && run_sequence()) {
     if (counted) ++sequence_count;
@@ -478,8 +486,23 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
   const auto opts = a.input.options();
   const auto acc_opts = opts.dtype(acc_dtype(dtype));
 
-  // ---- (1) the input projection for all steps: one GEMM ---------------------------------------
-  const at::Tensor gates = input_projection(f, 0, T);
+  const std::string key = tune_key<Cell>("forward", G, B, H, dtype);
+  const auto calibrate = [&] {
+    const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
+    const auto run = [&] { return seconds([&] { recurrence_forward<Cell>(x.args(), kernels); }); };
+    return best_times(run);
+  };
+
+  // ---- (1) the input projection for all steps: one GEMM, or inside the sequence kernel -------
+  // (where the backend's takes it, as the inference forward's: each thread projects its own rows
+  // step by step into the gates, which the cell pass then reads from that thread's cache)
+  const bool project_in_kernel = !f.weight_hr.defined() && B > 0 && kernels.forward_sequence &&
+                                 kernels.projects_input && kernels.projects_input(f.input) &&
+                                 sequence_chosen(kernels, true, key, calibrate);
+  at::Tensor gates = !project_in_kernel ? input_projection(f, 0, T)
+                     : s.shared         ? at::empty({T, B, G, KH}, opts)
+                                        : at::empty({G, T, B, KH}, opts);
+  if (project_in_kernel) poison_if_enabled(gates);  // every element is the kernel's to write
 
   // ---- (2) the recurrence, keeping every step's states for backward ----------------------------
   at::Tensor h_states = at::empty({G, T + 1, B, R}, opts);
@@ -496,18 +519,24 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
     aux.select(1, first).zero_();  // read by no step, but returned: keep it clean
   }
 
-  const ForwardSequence seq{gates,  gate_layout(s, KH), f.weight_hh, f.bias,    f.bias_hh, h_states,
-                            aux,    output,             f.lengths,   a.reverse, G,         T,
-                            B,      H};
+  ForwardSequence seq{gates,  gate_layout(s, KH), f.weight_hh, f.bias,    f.bias_hh, h_states,
+                      aux,    output,             f.lengths,   a.reverse, G,         T,
+                      B,      H};
+  if (project_in_kernel) {
+    seq.projected_input = f.input;
+    seq.weight_ih = f.weight_ih;
+  }
   if (f.weight_hr.defined()) {
     ++g_forward_per_step;
     projected_forward(seq, f.weight_hr, kernels);
+  } else if (project_in_kernel && kernels.forward_sequence(seq)) {
+    if (t_forced_path < 0) ++g_forward_sequence;  // the calibration's runs are not counted
   } else {
-    run_recurrence(seq, kernels, op, tune_key<Cell>("forward", G, B, H, dtype), [&] {
-      const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
-      const auto run = [&] { return seconds([&] { recurrence_forward<Cell>(x.args(), kernels); }); };
-      return best_times(run);
-    });
+    if (project_in_kernel) {  // the kernel declined these sizes: the GEMM after all
+      input_projection(f, 0, T, gates);
+      seq.projected_input = seq.weight_ih = at::Tensor();
+    }
+    run_recurrence(seq, kernels, op, key, calibrate);
   }
   const int64_t last = last_slot(T, a.reverse);
   at::Tensor h_n = h_states.select(1, last).clone();
@@ -546,13 +575,50 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
   const int64_t G = s.G, T = s.T, B = s.B, H = s.H, R = s.R, KH = K * H;
   const at::ScalarType dtype = a.input.scalar_type();
   const auto opts = a.input.options();
-  const int64_t chunk = inference_chunk(T, B * G * KH * a.input.element_size());
-  const at::Tensor gates_buf = s.shared ? at::empty({chunk, B, G, KH}, opts)
-                                        : at::empty({G, chunk, B, KH}, opts);
   at::Tensor h_states = at::empty({G, 2, B, R}, opts);  // the states alternate between two slots
   at::Tensor aux = Cell::kAux ? at::empty({G, 2, B, H}, opts.dtype(acc_dtype(dtype))) : at::Tensor();
   at::Tensor output = at::empty({G, T, B, R}, opts);
   poison_if_enabled(output);
+  const auto result = [&](int64_t final_slot) -> InferenceResult {
+    at::Tensor h_n = h_states.select(1, final_slot).clone();
+    at::Tensor c_n = Cell::kCellState ? aux.select(1, final_slot).to(dtype, false, /*copy=*/true)
+                                      : at::empty({0}, opts);
+    return {output, h_n, c_n};
+  };
+  const std::string key = tune_key<Cell>("inference", G, B, H, dtype);
+  const auto calibrate = [&] {
+    const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
+    const auto run = [&] { return seconds([&] { recurrence_inference<Cell>(x.args(), kernels); }); };
+    return best_times(run);
+  };
+
+  // ---- a sequence kernel that projects the input itself, step by step --------------------------
+  // (the CPU's tiled fp32 path): no chunks and no GEMM calls, and one step's gates instead of a
+  // chunk's. Each thread projects its own rows just before their recurrent product, so x_t W_ih^T
+  // runs in the same register tiles with W_ih packed once per call, where MKL's batched GEMM
+  // packed W_ih again for every chunk, and the gates are read from the thread's cache.
+  const bool sequence_available = B > 0 && kernels.forward_sequence != nullptr;
+  if (sequence_available && kernels.projects_input && kernels.projects_input(f.input) &&
+      sequence_chosen(kernels, sequence_available, key, calibrate)) {
+    const int64_t first = first_slot(T, a.reverse) % 2;
+    h_states.select(1, first).copy_(a.h0);
+    if constexpr (Cell::kCellState) aux.select(1, first).copy_(f.c0);
+    const at::Tensor step_gates = at::empty({G, B, KH}, opts);  // every step's, in turn
+    ForwardSequence seq{step_gates, GateLayout{B * KH, 0, KH}, f.weight_hh, f.bias, f.bias_hh,
+                        h_states,   aux,                       output,      f.lengths, a.reverse,
+                        G,          T,                         B,           H};
+    seq.projected_input = f.input;
+    seq.weight_ih = f.weight_ih;
+    if (kernels.forward_sequence(seq)) {
+      if (t_forced_path < 0) ++g_forward_sequence;  // the calibration's runs are not counted
+      return result(last_slot(T, a.reverse) % 2);
+    }
+  }
+
+  // ---- otherwise the projection by GEMMs, in chunks of steps into one reused buffer ------------
+  const int64_t chunk = inference_chunk(T, B * G * KH * a.input.element_size());
+  const at::Tensor gates_buf = s.shared ? at::empty({chunk, B, G, KH}, opts)
+                                        : at::empty({G, chunk, B, KH}, opts);
   // Chunks in the direction's order; each runs as a sequence of its own (local steps 0..n-1 are
   // times t0..t0+n-1, its first state slot where the previous chunk left the state).
   int64_t left_slot = -1;  // where the previous chunk left the state
@@ -575,17 +641,10 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
                         G,        n,        B,   H};
     seq.t0 = t0;
     seq.prepared_weight_hh = prepared_weight_hh;
-    run_recurrence(seq, kernels, op, tune_key<Cell>("inference", G, B, H, dtype), [&] {
-      const ScratchInputs x = scratch_inputs<Cell>(G, B, H, opts);
-      const auto run = [&] { return seconds([&] { recurrence_inference<Cell>(x.args(), kernels); }); };
-      return best_times(run);
-    });
+    run_recurrence(seq, kernels, op, key, calibrate);
     left_slot = last_slot(n, a.reverse) % 2;
   }
-  at::Tensor h_n = h_states.select(1, left_slot).clone();
-  at::Tensor c_n = Cell::kCellState ? aux.select(1, left_slot).to(dtype, false, /*copy=*/true)
-                                    : at::empty({0}, opts);
-  return {output, h_n, c_n};
+  return result(left_slot);
 }
 
 template <class Cell>

@@ -8,6 +8,9 @@
 //   backward: the reverse recurrence the same two ways (per step: one cell kernel, then
 //             dh_{t-1} = dh_pass + bmm(drec_t, W_hh)); after it dW_ih, dW_hh, the bias gradients
 //             and dx as (batched) GEMMs or one reduction each.
+//   inference: the forward keeping nothing for backward: the projection in chunks of steps.
+//   Where a backend's sequence kernel projects the input itself (the CPU's fp32 tiles) and the
+//   sequence path runs, both forwards hand it the input instead of running the projection GEMM.
 // A backend supplies only the kernels of RecurrenceKernels; the GEMMs go through ATen.
 #pragma once
 
@@ -48,6 +51,12 @@ struct ForwardSequence {
   // A backend's preparation of weight_hh for its sequence kernel (the CPU's packed panels),
   // made by the first chunk of an inference forward and reused by the others; null: none kept.
   std::shared_ptr<at::Tensor> prepared_weight_hh;
+  // Where the backend's sequence kernel projects the input itself (RecurrenceKernels::
+  // projects_input): the input, contiguous, (T, B, C) shared or (G, T, B, C) per group, and
+  // weight_ih (G, KH, C) contiguous. The kernel then computes each step's x_t W_ih^T into `gates`
+  // just before the step: the forward's full gates buffer, or in an inference forward one step's,
+  // (G, B, KH) with layout {B*KH, 0, KH}. Undefined: `gates` holds the driver's projection.
+  at::Tensor projected_input, weight_ih;
 };
 
 struct BackwardSequence {
@@ -81,6 +90,9 @@ struct RecurrenceKernels {
   bool (*forward_sequence)(const ForwardSequence&) = nullptr;
   bool (*backward_sequence)(const BackwardSequence&) = nullptr;
   bool tuned = false;
+  // Whether forward_sequence takes ForwardSequence::projected_input for this input (nullptr: never).
+  // The inference forward then hands it the input instead of projecting it with GEMMs in chunks.
+  bool (*projects_input)(const at::Tensor& input) = nullptr;
 };
 
 // One layer and direction's arguments, whichever the cell (the ops' schemas: csrc/ops.cpp).
@@ -129,8 +141,9 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor
 template <class Cell>
 ForwardResult recurrence_forward(const ForwardArgs& args, const RecurrenceKernels& kernels);
 // The forward without what backward needs: no gates or state sequences are kept (the states
-// alternate between two slots, the input projection runs in chunks of steps into one reused
-// buffer). Returns output, h_n, c_n [(0,) without a cell state].
+// alternate between two slots; the input projection runs in chunks of steps into one reused
+// buffer, or, where the backend's sequence kernel projects the input itself, step by step inside
+// it). Returns output, h_n, c_n [(0,) without a cell state].
 using InferenceResult = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 template <class Cell>
 InferenceResult recurrence_inference(const ForwardArgs& args, const RecurrenceKernels& kernels);
