@@ -113,18 +113,28 @@ def test_chunked_inference_reuses_the_prepared_weight(small_chunks, cell, tiles,
 
 
 # (G, T, B, C, H): one of everything; odd sizes past the tiles' blocks (B = 13: 6 + 6 + 1 rows;
-# 4H = 68: 4 panels and 4 columns; C = 300: a 300-deep projection, two 256-deep passes); one
-# group's 100 rows split over two threads
-PROJECTION_SHAPES = [(1, 1, 1, 1, 1), (3, 7, 13, 5, 17), (2, 9, 7, 300, 6), (2, 4, 100, 10, 9)]
+# 4H = 68: 4 panels and 4 columns; 39 rows of three groups split over two threads inside group 1
+# for the LSTM); C = 300: a 300-deep projection, two 256-deep passes; one group's 100 rows split
+# over two threads for every cell (H = 129: a row grain of 1-3, sequence_row_grain)
+PROJECTION_SHAPES = [(1, 1, 1, 1, 1), (3, 7, 13, 5, 17), (2, 9, 7, 300, 6), (1, 4, 100, 10, 129)]
+
+
+def _gemm_calls(fn):
+    """fn()'s result and how many ATen GEMM calls it made (the driver's input projection is one
+    bmm or mm; the tiles' products are no ATen calls)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    return result, sum(e.count for e in prof.key_averages() if e.key in ("aten::bmm", "aten::mm"))
 
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("shape", PROJECTION_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("lengths,reverse", [(True, False), (False, True), (True, True)])
-def test_inference_projecting_in_the_kernel(cell, shape, shared, lengths, reverse):
+def test_inference_projecting_in_the_kernel(small_chunks, cell, shape, shared, lengths, reverse):
     """The inference forward whose sequence kernel projects x_t W_ih^T itself, step by step (fp32
-    with the tiles), against the float64 training forward and against the same call with the
+    with the tiles: one sequence run and no GEMM call, where two-step chunks would take one run
+    and one GEMM each), against the float64 training forward and against the same call with the
     projection by MKL in chunks (tiles off), for a shared input and one per group, with lengths and
     either direction. The output buffer is NaN-poisoned first: any element left unwritten shows."""
     G, T, B, C, H = shape
@@ -133,10 +143,13 @@ def test_inference_projecting_in_the_kernel(cell, shape, shared, lengths, revers
     with mtl_kernels.recurrence_path("sequence"), torch.no_grad():
         before = mtl_kernels.path_counts()["forward_sequence"]
         with mtl_kernels.cpu_tiles("auto"):
-            got = ops.grouped_recurrence(cell, *args, reverse)
-        assert mtl_kernels.path_counts()["forward_sequence"] - before == 1
+            got, gemms = _gemm_calls(lambda: ops.grouped_recurrence(cell, *args, reverse))
+        assert (mtl_kernels.path_counts()["forward_sequence"] - before, gemms) == (1, 0)
+        before = mtl_kernels.path_counts()["forward_sequence"]
         with mtl_kernels.cpu_tiles("off"):
-            chunked = ops.grouped_recurrence(cell, *args, reverse)
+            chunked, gemms = _gemm_calls(lambda: ops.grouped_recurrence(cell, *args, reverse))
+        chunks = (T + 1) // 2
+        assert (mtl_kernels.path_counts()["forward_sequence"] - before, gemms) == (chunks, chunks)
     for a, c, e in zip(got, chunked, exact):
         if e.numel():
             assert not a.isnan().any(), "an element no kernel wrote (NaN-poisoned)"
@@ -149,19 +162,21 @@ def test_inference_projecting_in_the_kernel(cell, shape, shared, lengths, revers
 @pytest.mark.parametrize("shared,lengths,reverse", [(True, True, False), (False, True, True)])
 def test_training_forward_projecting_in_the_kernel(cell, shape, shared, lengths, reverse):
     """The training forward on the sequence path in fp32 with the tiles projects the input inside
-    the kernel too: every result (output, states and the saved values backward reads) against the
-    same call with the projection by MKL (tiles off), the gates buffer NaN-poisoned first, and the
-    gradients from those saved values against float64."""
+    the kernel too (no GEMM call; one with the tiles off): every result (output, states and the
+    saved values backward reads) against the same call with the projection by MKL (tiles off),
+    the gates buffer NaN-poisoned first, and the gradients from those saved values against
+    float64."""
     G, T, B, C, H = shape
     args = recurrence_args(cell, G, T, B, C, H, dtype=torch.float32, shared=shared, lengths=lengths)
     grads = recurrence_grads(cell, G, T, B, H, dtype=torch.float32)
     with mtl_kernels.recurrence_path("sequence"):
         before = mtl_kernels.path_counts()["forward_sequence"]
         with mtl_kernels.cpu_tiles("auto"):
-            fused = ops.grouped_recurrence_forward(cell, *args, reverse)
-        assert mtl_kernels.path_counts()["forward_sequence"] - before == 1
+            fused, gemms = _gemm_calls(lambda: ops.grouped_recurrence_forward(cell, *args, reverse))
+        assert (mtl_kernels.path_counts()["forward_sequence"] - before, gemms) == (1, 0)
         with mtl_kernels.cpu_tiles("off"):
-            gemm = ops.grouped_recurrence_forward(cell, *args, reverse)
+            gemm, gemms = _gemm_calls(lambda: ops.grouped_recurrence_forward(cell, *args, reverse))
+        assert gemms == 1
         d_fused = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, fused, reverse))
         args64, grads64 = _to(args, torch.float64), _to(grads, torch.float64)
         fwd64 = ops.grouped_recurrence_forward(cell, *args64, reverse)

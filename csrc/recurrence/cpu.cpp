@@ -291,10 +291,11 @@ class RecurrentProduct {
   bool tiled_;
 };
 
-// The inference forward's input projection inside the sequence kernel (ForwardSequence::
-// projected_input): W_ih[g]^T prepared as W_hh's is, and each step's x_t rows -> the one-step
-// gates rows. Only where the tiles run (cpu_projects_input): elsewhere MKL's GEMM is faster than
-// the generic loops, and the driver projects in chunks.
+// The input projection inside the sequence kernel (ForwardSequence::projected_input; the training
+// forward and the inference forward): W_ih[g]^T prepared as W_hh's is, and each step's x_t rows ->
+// that step's gates rows (the full gates buffer, or the inference forward's one-step gates). Only
+// where the tiles run (cpu_projects_input): elsewhere MKL's GEMM is faster than the generic loops,
+// and the driver projects.
 template <typename scalar_t>
 class InputProjection {
  public:

@@ -54,7 +54,7 @@ PathCounts path_counts() {
 namespace {
 
 // The CPU's `auto`: the first time a recurrence shape (cell, phase, G, B, H, dtype) runs, both
-// paths are timed on scratch inputs of that shape (a few steps, twice each, the best time kept),
+// paths are timed on scratch inputs of that shape (a few steps, 3-9 rounds: best_times),
 // and from then on every call of that shape runs the faster one. Real calls therefore always run
 // one path per shape: the same inputs give the same results, bit for bit.
 class PathTuner {
@@ -147,10 +147,10 @@ double seconds(const F& f) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 }
 
-// Runs one recurrence on the path the switch, the tuner or the sizes choose: run_sequence() returns
-// false when the sequence path cannot run these sizes; run_per_step() always runs; calibrate():
-// see PathTuner (called for a tuned backend's `auto` only).
 // Whether choose_and_run tries the sequence path first (the switch, or the tuner's choice).
+// calibrate(): see PathTuner (called for a tuned backend's `auto` only). The scratch inputs have
+// one input feature, so the choice weighs the recurrences alone, not the input projection (which
+// the CPU's sequence path may run in its tiles and the per-step path by MKL's GEMM).
 template <typename Calibrate>
 bool sequence_chosen(const RecurrenceKernels& kernels, bool has_sequence, const std::string& key,
                      const Calibrate& calibrate) {
@@ -162,6 +162,8 @@ bool sequence_chosen(const RecurrenceKernels& kernels, bool has_sequence, const 
   return try_sequence;
 }
 
+// Runs one recurrence on the path the switch, the tuner or the sizes choose: run_sequence() returns
+// false when the sequence path cannot run these sizes; run_per_step() always runs.
 template <typename SequenceFn, typename PerStepFn, typename Calibrate>
 void choose_and_run(const RecurrenceKernels& kernels, bool has_sequence, const std::string& key,
                     const SequenceFn& run_sequence, const PerStepFn& run_per_step,

@@ -48,8 +48,10 @@ struct ForwardSequence {
   bool reverse;
   int64_t G, T, B, H;
   int64_t t0 = 0;  // the time of step 0 (an inference forward runs the sequence in chunks)
-  // A backend's preparation of weight_hh for its sequence kernel (the CPU's packed panels),
-  // made by the first chunk of an inference forward and reused by the others; null: none kept.
+  // A backend's preparation of weight_hh for its sequence kernel (on the CPU the generic loops'
+  // transposed copy, or packed panels for the tiles, though fp32 with the tiles projects in the
+  // kernel and runs no chunks), made by the first chunk of an inference forward and reused by the
+  // others; null: none kept.
   std::shared_ptr<at::Tensor> prepared_weight_hh;
   // Where the backend's sequence kernel projects the input itself (RecurrenceKernels::
   // projects_input): the input, contiguous, (T, B, C) shared or (G, T, B, C) per group, and
@@ -91,7 +93,8 @@ struct RecurrenceKernels {
   bool (*backward_sequence)(const BackwardSequence&) = nullptr;
   bool tuned = false;
   // Whether forward_sequence takes ForwardSequence::projected_input for this input (nullptr: never).
-  // The inference forward then hands it the input instead of projecting it with GEMMs in chunks.
+  // Where it does and the sequence path runs, the forward and the inference forward hand it the
+  // input instead of projecting it with GEMMs (the inference forward's in chunks).
   bool (*projects_input)(const at::Tensor& input) = nullptr;
 };
 

@@ -6,7 +6,10 @@
 //   gates    the input projection (x W_ih^T), overwritten by the forward with the saved values
 //            (Cell::forward's act); row (g, t, b) = K*H contiguous values at
 //            g * gates_sg + t * gates_st + b * gates_sb: (T, B, G, KH) for an input shared by the
-//            groups, (G, T, B, KH) for one input per group
+//            groups, (G, T, B, KH) for one input per group. Where the CPU's sequence kernel
+//            projects the input itself (driver.h: projected_input) it writes each step's
+//            projection here first; an inference forward's gates then hold one step, (G, B, KH)
+//            with gates_st = 0.
 //   dgates   backward: the input-side pre-activation gradients, gates' layout
 //   drec     backward: the recurrent-side ones (== dgates unless Cell::kSplitRecGrad)
 //   h_states (G, nslot, B, H): slot t and t+1 are the states around step t (forward direction;
