@@ -199,10 +199,11 @@ void weighted_row_sums(acc_t* acc, const scalar_t* w, int64_t ldw, const scalar_
   }
 }
 
-// Rows per thread of the whole-sequence path: enough work (about 2^18 multiply-adds of W_hh
-// products over the sequence) that a small call stays on one thread instead of paying a fork/join.
-int64_t sequence_row_grain(int64_t T, int64_t KH, int64_t H) {
-  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, T * KH * H));
+// Rows per thread of the whole-sequence path: enough work (about 2^18 multiply-adds of a row's
+// products over the sequence, each gate value `depth` deep: H for W_hh's, H + C where the kernel
+// projects the input too) that a small call stays on one thread instead of paying a fork/join.
+int64_t sequence_row_grain(int64_t T, int64_t KH, int64_t depth) {
+  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, T * KH * depth));
 }
 
 // Calls f(g, r0, r1) for each group's part [r0, r1) of the flattened (G, B) rows [begin, end).
@@ -309,6 +310,7 @@ class InputProjection {
   }
 
   bool on() const { return on_; }
+  int64_t depth() const { return C_; }  // multiply-adds per gate value: the input's features
   std::vector<at::opmath_type<scalar_t>> scratch() const {
     return on_ ? product_->scratch() : std::vector<at::opmath_type<scalar_t>>();
   }
@@ -343,7 +345,9 @@ bool forward_sequence_cpu(const ForwardSequence& s) {
     at::Tensor hproj = at::empty({G, B, KH}, s.gates.options());                 // (G, B, KH)
     const auto q = raw_forward<scalar_t>(s);
     scalar_t* hp = hproj.data_ptr<scalar_t>();
-    at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
+    // a row's work per step: its W_hh product, and its input projection where the kernel runs it
+    const int64_t depth = H + (project.on() ? project.depth() : 0);
+    at::parallel_for(0, G * B, sequence_row_grain(T, KH, depth), [&](int64_t begin, int64_t end) {
       auto scratch = product.scratch();
       auto project_scratch = project.scratch();
       for (int64_t step = 0; step < T; ++step) {
