@@ -437,6 +437,18 @@ ForwardInputs check_forward(const char* op, const ForwardArgs& a) {
   return f;
 }
 
+// Whether this call's sequence kernel projects the input itself (both forwards): the backend takes
+// this input (RecurrenceKernels::projects_input), the call has no projection of h (the projected
+// LSTM keeps the per-step path), and the sequence path is the one chosen (the switch or the
+// tuner's key / calibrate, as choose_and_run would choose).
+template <typename Calibrate>
+bool kernel_projects_input(const RecurrenceKernels& kernels, const ForwardInputs& f,
+                           const std::string& key, const Calibrate& calibrate) {
+  const bool has_sequence = f.s.B > 0 && kernels.forward_sequence != nullptr;
+  return has_sequence && !f.weight_hr.defined() && kernels.projects_input &&
+         kernels.projects_input(f.input) && sequence_chosen(kernels, has_sequence, key, calibrate);
+}
+
 // The input projection of steps [t0, t0 + n): x W_ih^T, one GEMM, into `out` when given (a
 // reused buffer of at least n steps) -> (n, B, G, KH) for a shared input, (G, n, B, KH) per group.
 at::Tensor input_projection(const ForwardInputs& f, int64_t t0, int64_t n, at::Tensor out = {}) {
@@ -506,9 +518,7 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
   // ---- (1) the input projection for all steps: one GEMM, or inside the sequence kernel -------
   // (where the backend's takes it, as the inference forward's: each thread projects its own rows
   // step by step into the gates, which the cell pass then reads from that thread's cache)
-  const bool project_in_kernel = !f.weight_hr.defined() && B > 0 && kernels.forward_sequence &&
-                                 kernels.projects_input && kernels.projects_input(f.input) &&
-                                 sequence_chosen(kernels, true, key, calibrate);
+  const bool project_in_kernel = kernel_projects_input(kernels, f, key, calibrate);
   at::Tensor gates = !project_in_kernel ? input_projection(f, 0, T)
                      : s.shared         ? at::empty({T, B, G, KH}, opts)
                                         : at::empty({G, T, B, KH}, opts);
@@ -607,9 +617,7 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
   // chunk's. Each thread projects its own rows just before their recurrent product, so x_t W_ih^T
   // runs in the same register tiles with W_ih packed once per call, where MKL's batched GEMM
   // packed W_ih again for every chunk, and the gates are read from the thread's cache.
-  const bool sequence_available = B > 0 && kernels.forward_sequence != nullptr;
-  if (sequence_available && kernels.projects_input && kernels.projects_input(f.input) &&
-      sequence_chosen(kernels, sequence_available, key, calibrate)) {
+  if (kernel_projects_input(kernels, f, key, calibrate)) {
     const int64_t first = first_slot(T, a.reverse) % 2;
     h_states.select(1, first).copy_(a.h0);
     if constexpr (Cell::kCellState) aux.select(1, first).copy_(f.c0);
