@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "cells/cell.h"
 #include "recurrence/cpu_tiles.h"
 #include "recurrence/driver.h"
 #include "recurrence/persistent.h"
@@ -471,6 +472,30 @@ PyObject* py_cpu_tiles_supported(PyObject*, PyObject*) {
   return PyBool_FromLong(cpu_tiles::supported());
 }
 
+// _C.cell_traits() -> {name: (gates, cell_state, aux, rec_bias)} for every cell the ops know, read
+// from the cell structs (cells/*.h: kGates, kCellState, kAux, kRecBias), so that the Python side
+// (the fake kernels, the torch.func path's b_hh gradient) follows the kernels instead of keeping
+// tables of its own.
+PyObject* py_cell_traits(PyObject*, PyObject*) {
+  PyObject* traits = PyDict_New();
+  if (!traits) return nullptr;
+  for (const CellKind kind : kAllCellKinds) {
+    PyObject* entry = dispatch_cell(kind, [](auto c) {
+      using Cell = decltype(c);
+      return Py_BuildValue("(iOOO)", Cell::kGates, Cell::kCellState ? Py_True : Py_False,
+                           Cell::kAux ? Py_True : Py_False, Cell::kRecBias ? Py_True : Py_False);
+    });
+    const char* name = dispatch_cell(kind, [](auto c) { return decltype(c)::kName; });
+    if (!entry || PyDict_SetItemString(traits, name, entry) < 0) {
+      Py_XDECREF(entry);
+      Py_DECREF(traits);
+      return nullptr;
+    }
+    Py_DECREF(entry);
+  }
+  return traits;
+}
+
 PyMethodDef module_methods[] = {
     {"path_counts", py_path_counts, METH_NOARGS, "recurrences run per path since import"},
     {"set_recurrence_path", py_set_setting<&recurrence_path_setting>, METH_VARARGS,
@@ -493,6 +518,8 @@ PyMethodDef module_methods[] = {
     {"set_cpu_tiles", py_set_setting<&cpu_tiles::setting>, METH_VARARGS,
      "the CPU's register-tiled fp32 products: auto or off; returns the previous mode"},
     {"get_cpu_tiles", py_get_setting<&cpu_tiles::setting>, METH_NOARGS, "the CPU tiles mode"},
+    {"cell_traits", py_cell_traits, METH_NOARGS,
+     "{cell: (gates, cell_state, aux, rec_bias)} from the C++ cells"},
     {"_cpu_tiles_supported", py_cpu_tiles_supported, METH_NOARGS,
      "whether this CPU runs the register-tiled kernels (AVX2 and FMA)"},
     {nullptr, nullptr, 0, nullptr}};

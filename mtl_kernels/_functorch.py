@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (the ops must be registered before their vmap rules)
+from ._cells import CELL_KEEPS_BIAS_HH
 from .reference import branch_attention_composite, recurrence_composite
 
 ops = torch.ops.mtl_kernels
@@ -89,7 +90,7 @@ class _RecurrenceFunction(torch.autograd.Function):
             dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0 = ops.grouped_recurrence_backward(
                 ctx.cell, g_out, g_h, g_c, input, weight_ih, weight_hh, weight_hr, gates, h_states,
                 aux, lengths, ctx.reverse, input_grad)
-            if ctx.cell != "gru":  # the op added b_hh to the bias: the same gradient
+            if not CELL_KEEPS_BIAS_HH[ctx.cell]:  # the op added b_hh to the bias: the same gradient
                 db_hh = db
             d = [dx if input_grad else None, dw_ih, dw_hh, db if has_bias else None,
                  db_hh if has_bias_hh else None, dw_hr if has_proj else None, dh0,

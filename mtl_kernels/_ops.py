@@ -8,13 +8,9 @@ import torch
 from torch import Tensor
 
 from . import _C  # noqa: F401  (loading the extension registers the ops)
+from ._cells import CELL_GATES, CELL_HAS_AUX, CELL_HAS_STATE, CELL_KEEPS_BIAS_HH
 
 ops = torch.ops.mtl_kernels
-
-# Gate blocks per cell (the K of the (G, K*H, ...) weights) and whether it has a cell state.
-CELL_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-CELL_HAS_STATE = {"lstm": True, "gru": False, "rnn_tanh": False, "rnn_relu": False}
-CELL_HAS_AUX = {"lstm": True, "gru": True, "rnn_tanh": False, "rnn_relu": False}
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -65,7 +61,7 @@ def _recurrence_backward_fake(cell, grad_output, grad_h_n, grad_c_n, input, weig
                               weight_hr, gates, h_states, aux, lengths, reverse, input_grad=True):
     G, KH, _ = weight_ih.shape
     grad_input = torch.empty_like(input) if input_grad else input.new_empty(0)
-    grad_bias_hh = weight_ih.new_empty(G, KH) if cell == "gru" else weight_ih.new_empty(0)
+    grad_bias_hh = weight_ih.new_empty(G, KH) if CELL_KEEPS_BIAS_HH[cell] else weight_ih.new_empty(0)
     grad_w_hr = torch.empty_like(weight_hr) if weight_hr is not None else weight_ih.new_empty(0)
     grad_c0 = torch.empty_like(grad_c_n) if CELL_HAS_STATE[cell] else grad_h_n.new_empty(0)
     return (grad_input, torch.empty_like(weight_ih), torch.empty_like(weight_hh),

@@ -15,7 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
-from ._ops import CELL_GATES, recurrence_layer
+from ._cells import CELL_GATES
+from ._ops import recurrence_layer
 
 # nn.RNNBase's mode -> the op's cell name
 _CELL_OF_MODE = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}

@@ -9,6 +9,7 @@ from torch import nn
 
 from helpers import recurrence_args, recurrence_grads
 from mtl_kernels import GroupedLSTM, GroupedRNN
+from mtl_kernels._cells import CELL_KEEPS_BIAS_HH
 from mtl_kernels._ops import ops, recurrence_layer
 
 FOLDING = ["lstm", "rnn_tanh", "rnn_relu"]  # the cells without a recurrent bias of their own
@@ -91,6 +92,34 @@ def test_two_biases_under_torch_func_grad(cell):
     torch.testing.assert_close(d_ih, want[0], rtol=0, atol=0)
     torch.testing.assert_close(d_hh, want[1], rtol=0, atol=0)
     torch.testing.assert_close(d_hh, d_ih, rtol=0, atol=0)
+
+
+def test_the_folding_cells_are_the_kernels_own():
+    """The Python side (the fake kernels, the torch.func Function) reads which cells fold b_hh from
+    the C++ cells (_C.cell_traits), and this file's FOLDING list agrees with them."""
+    assert set(CELL_KEEPS_BIAS_HH) == {"lstm", "gru", "rnn_tanh", "rnn_relu"}
+    assert sorted(c for c, keeps in CELL_KEEPS_BIAS_HH.items() if not keeps) == sorted(FOLDING)
+
+
+def test_gru_keeps_its_own_bias_hh_gradient_under_torch_func_grad():
+    """The GRU's b_hn sits inside r * (W_hn h + b_hn): under torch.func its b_hh gets the op's own
+    gradient, the same as the C++ autograd gives, not the bias's."""
+    cell = "gru"
+    x, w_ih, w_hh, b_ih, b_hh, w_hr, h0, c0, L = two_biases(cell, "cpu")
+    g_out = torch.randn(3, 5, 4, 5, dtype=torch.float64)
+
+    def loss(b_ih, b_hh):
+        return (recurrence_layer(cell, x, w_ih, w_hh, b_ih, b_hh, h0, c0, L)[0] * g_out).sum()
+
+    d_ih, d_hh = torch.func.grad(loss, argnums=(0, 1))(b_ih, b_hh)
+    b_ih_, b_hh_ = b_ih.clone().requires_grad_(), b_hh.clone().requires_grad_()
+    want = torch.autograd.grad(loss(b_ih_, b_hh_), [b_ih_, b_hh_])
+    torch.testing.assert_close(d_ih, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(d_hh, want[1], rtol=0, atol=0)
+    H = b_ih.shape[1] // 3
+    # r's and z's blocks get the bias's gradient, n's (b_hn inside r * (...)) does not
+    torch.testing.assert_close(d_hh[:, :2 * H], d_ih[:, :2 * H], rtol=0, atol=0)
+    assert (d_hh[:, 2 * H:] - d_ih[:, 2 * H:]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("which", ["ih", "hh"])

@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from helpers import CELLS, backward_args, recurrence_args, recurrence_grads
 from mtl_kernels import GroupedGRU, GroupedLSTM, GroupedRNN, GroupedRNNBase, ParallelLSTM
+from mtl_kernels._cells import CELL_GATES, CELL_HAS_AUX, CELL_HAS_STATE, CELL_KEEPS_BIAS_HH
 from mtl_kernels._ops import ops, recurrence_layer
 from mtl_kernels.reference import ParallelLSTMBlockRef, RNNLoop, recurrence_composite
 
@@ -359,6 +360,31 @@ def test_forward_mode_ad_like_torch(kind):
     hess = torch.func.hessian(lambda inp: grouped(inp)[0].pow(2).sum())(small)
     hess_ref = torch.func.hessian(lambda inp: ref(inp).pow(2).sum())(small)
     torch.testing.assert_close(hess, hess_ref, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", "rnn_relu"])
+def test_cell_traits_match_torch_modules(cell):
+    """The traits the Python side reads from the C++ cells (_C.cell_traits) describe torch's own
+    modules: the gate blocks of weight_ih_l0, whether there is a cell state c_n."""
+    C, H = 3, 7
+    module = {"lstm": nn.LSTM(C, H), "gru": nn.GRU(C, H), "rnn_tanh": nn.RNN(C, H),
+              "rnn_relu": nn.RNN(C, H, nonlinearity="relu")}[cell]
+    assert CELL_GATES[cell] * H == module.weight_ih_l0.shape[0]
+    _, state = module(torch.randn(2, 1, C))
+    assert CELL_HAS_STATE[cell] == isinstance(state, tuple)
+    assert CELL_HAS_AUX[cell] == (cell in ("lstm", "gru"))  # the LSTM's c, the GRU's W_hn h + b_hn
+    assert CELL_KEEPS_BIAS_HH[cell] == (cell == "gru")
+    # the op's outputs follow them: c_n only for a cell state, aux only where the cell saves one
+    G, T, B = 2, 3, 2
+    x = torch.randn(T, B, C, dtype=torch.float64)
+    w_ih = torch.randn(G, CELL_GATES[cell] * H, C, dtype=torch.float64)
+    w_hh = torch.randn(G, CELL_GATES[cell] * H, H, dtype=torch.float64)
+    h0 = torch.randn(G, B, H, dtype=torch.float64)
+    c0 = torch.randn(G, B, H, dtype=torch.float64) if CELL_HAS_STATE[cell] else None
+    out, h_n, c_n, gates, h_states, aux = ops.grouped_recurrence_forward(
+        cell, x, w_ih, w_hh, None, None, None, h0, c0, None, False)
+    assert c_n.numel() == (G * B * H if CELL_HAS_STATE[cell] else 0)
+    assert aux.numel() == (G * (T + 1) * B * H if CELL_HAS_AUX[cell] else 0)
 
 
 def test_groups_must_be_a_sequence_not_an_int():

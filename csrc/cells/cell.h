@@ -35,6 +35,9 @@
 namespace mtl_kernels {
 
 enum class CellKind { kLstm, kGru, kRnnTanh, kRnnRelu };
+// Every cell the ops know: for code that lists them (_C.cell_traits).
+constexpr CellKind kAllCellKinds[] = {CellKind::kLstm, CellKind::kGru, CellKind::kRnnTanh,
+                                     CellKind::kRnnRelu};
 
 inline CellKind parse_cell(const std::string& name) {
   if (name == LstmCell::kName) return CellKind::kLstm;
