@@ -480,18 +480,19 @@ PyObject* py_cell_traits(PyObject*, PyObject*) {
   PyObject* traits = PyDict_New();
   if (!traits) return nullptr;
   for (const CellKind kind : kAllCellKinds) {
-    PyObject* entry = dispatch_cell(kind, [](auto c) {
+    const bool added = dispatch_cell(kind, [&](auto c) {
       using Cell = decltype(c);
-      return Py_BuildValue("(iOOO)", Cell::kGates, Cell::kCellState ? Py_True : Py_False,
-                           Cell::kAux ? Py_True : Py_False, Cell::kRecBias ? Py_True : Py_False);
-    });
-    const char* name = dispatch_cell(kind, [](auto c) { return decltype(c)::kName; });
-    if (!entry || PyDict_SetItemString(traits, name, entry) < 0) {
+      PyObject* entry =
+          Py_BuildValue("(iOOO)", Cell::kGates, Cell::kCellState ? Py_True : Py_False,
+                        Cell::kAux ? Py_True : Py_False, Cell::kRecBias ? Py_True : Py_False);
+      const bool ok = entry && PyDict_SetItemString(traits, Cell::kName, entry) == 0;
       Py_XDECREF(entry);
+      return ok;
+    });
+    if (!added) {
       Py_DECREF(traits);
       return nullptr;
     }
-    Py_DECREF(entry);
   }
   return traits;
 }
