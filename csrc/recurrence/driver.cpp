@@ -162,6 +162,12 @@ bool sequence_chosen(const RecurrenceKernels& kernels, bool has_sequence, const 
   return try_sequence;
 }
 
+// Counts one recurrence run on a path (mtl_kernels.path_counts()); the calibration's own runs, made
+// under a ForcedPath, are not counted.
+inline void count_run(std::atomic<int64_t>& count) {
+  if (t_forced_path < 0) ++count;
+}
+
 // Runs one recurrence on the path the switch, the tuner or the sizes choose: run_sequence() returns
 // false when the sequence path cannot run these sizes; run_per_step() always runs.
 template <typename SequenceFn, typename PerStepFn, typename Calibrate>
@@ -170,13 +176,12 @@ void choose_and_run(const RecurrenceKernels& kernels, bool has_sequence, const s
                     const Calibrate& calibrate, std::atomic<int64_t>& sequence_count,
                     std::atomic<int64_t>& per_step_count) {
   const bool try_sequence = sequence_chosen(kernels, has_sequence, key, calibrate);
-  const bool counted = t_forced_path < 0;  // the calibration's own runs are not counted
   if (try_sequence && run_sequence()) {
-    if (counted) ++sequence_count;
+    count_run(sequence_count);
     return;
   }
   run_per_step();
-  if (counted) ++per_step_count;
+  count_run(per_step_count);
 }
 
 // Scratch inputs of a shape, for the calibration: a shared input of one feature, a few steps.
@@ -547,10 +552,10 @@ ForwardResult recurrence_forward(const ForwardArgs& a, const RecurrenceKernels& 
     seq.weight_ih = f.weight_ih;
   }
   if (f.weight_hr.defined()) {
-    ++g_forward_per_step;
+    count_run(g_forward_per_step);
     projected_forward(seq, f.weight_hr, kernels);
   } else if (project_in_kernel && kernels.forward_sequence(seq)) {
-    if (t_forced_path < 0) ++g_forward_sequence;  // the calibration's runs are not counted
+    count_run(g_forward_sequence);
   } else {
     if (project_in_kernel) {  // the kernel declined these sizes: the GEMM after all
       input_projection(f, 0, T, gates);
@@ -628,7 +633,7 @@ InferenceResult recurrence_inference(const ForwardArgs& a, const RecurrenceKerne
     seq.projected_input = f.input;
     seq.weight_ih = f.weight_ih;
     if (kernels.forward_sequence(seq)) {
-      if (t_forced_path < 0) ++g_forward_sequence;  // the calibration's runs are not counted
+      count_run(g_forward_sequence);
       return result(last_slot(T, a.reverse) % 2);
     }
   }
@@ -737,7 +742,7 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   at::Tensor grad_w_hr = at::empty({0}, opts);
   TORCH_CHECK(kernels.backward_step || kernels.backward_sequence, op, ": no kernel");
   if (weight_hr_arg.defined()) {
-    ++g_backward_per_step;
+    count_run(g_backward_per_step);
     grad_w_hr = projected_backward(seq, s.shared, weight_hr_arg.contiguous(), grad_h0, grad_c0,
                                    kernels);
   } else {
