@@ -442,6 +442,12 @@ ForwardInputs check_forward(const char* op, const ForwardArgs& a) {
   return f;
 }
 
+// Whether a forward of B rows may run on the sequence path: the backend has a sequence kernel and
+// there are rows to run it over (kernel_projects_input and run_recurrence ask the same).
+inline bool forward_sequence_possible(const RecurrenceKernels& kernels, int64_t B) {
+  return B > 0 && kernels.forward_sequence != nullptr;
+}
+
 // Whether this call's sequence kernel projects the input itself (both forwards): the backend takes
 // this input (RecurrenceKernels::projects_input), the call has no projection of h (the projected
 // LSTM keeps the per-step path), and the sequence path is the one chosen (the switch or the
@@ -449,7 +455,7 @@ ForwardInputs check_forward(const char* op, const ForwardArgs& a) {
 template <typename Calibrate>
 bool kernel_projects_input(const RecurrenceKernels& kernels, const ForwardInputs& f,
                            const std::string& key, const Calibrate& calibrate) {
-  const bool has_sequence = f.s.B > 0 && kernels.forward_sequence != nullptr;
+  const bool has_sequence = forward_sequence_possible(kernels, f.s.B);
   return has_sequence && !f.weight_hr.defined() && kernels.projects_input &&
          kernels.projects_input(f.input) && sequence_chosen(kernels, has_sequence, key, calibrate);
 }
@@ -494,7 +500,7 @@ void run_recurrence(const ForwardSequence& seq, const RecurrenceKernels& kernels
       kernels.forward_step(seq, hproj, t);
     }
   };
-  choose_and_run(kernels, seq.B > 0 && kernels.forward_sequence != nullptr, key,
+  choose_and_run(kernels, forward_sequence_possible(kernels, seq.B), key,
                  [&] { return kernels.forward_sequence(seq); }, per_step, calibrate,
                  g_forward_sequence, g_forward_per_step);
 }
