@@ -140,17 +140,9 @@ def _extension():
     return CppExtension(sources=cpp, extra_compile_args={"cxx": cxx}, **kwargs)
 
 
+# Name, version, dependencies and the tested torch range: pyproject.toml.
 setup(
-    name="mtl_kernels",
-    version="0.2.0",
-    description="Grouped (multi-task / parallel-branch) LSTMs and fused attention over branches for PyTorch",
     packages=find_packages(include=["mtl_kernels", "mtl_kernels.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension},
-    python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy"],
-    extras_require={
-        "test": ["pytest", "numpy"],
-        "bench": ["scikit-learn", "tqdm", "matplotlib"],
-    },
 )

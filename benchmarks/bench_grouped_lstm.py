@@ -11,8 +11,8 @@ the file is rewritten after every row ("complete": false until the last), so a r
 time limit keeps the rows done so far.
 
 `grouped` runs the recurrence path --grouped-path names, by default "auto": what users get (on the
-CPU the path chosen per shape by measurement, see mtl_kernels.tuned_paths(); on a GPU the sequence
-path wherever its plan fits); "sequence" forces the whole sequence in one kernel call wherever it
+CPU the path chosen per shape by measurement, see mtl_kernels.tuned_paths(); on a GPU the per-step
+path until a GPU run verifies the persistent kernels, see mtl_kernels.auto_paths()); "sequence" forces the whole sequence in one kernel call wherever it
 can run (the persistent kernel on a GPU where its plan fits, rows in parallel on the CPU) and
 "per_step" the per-step path. The `path` column says what ran forward/backward in the fwd+bwd
 call: T the persistent kernel's tensor-core variant, Q the whole sequence without tensor cores (the

@@ -472,6 +472,17 @@ PyObject* py_cpu_tiles_supported(PyObject*, PyObject*) {
   return PyBool_FromLong(cpu_tiles::supported());
 }
 
+// _C.auto_paths() -> {"cpu": ..., "cuda": ...}: what the `auto` recurrence path runs on each
+// backend this build has ("tuned": timed per shape; "per_step"; "sequence").
+PyObject* py_auto_paths(PyObject*, PyObject*) {
+#ifdef MTL_KERNELS_WITH_CUDA
+  return Py_BuildValue("{ssss}", "cpu", auto_path_name(cpu_auto_path()), "cuda",
+                       auto_path_name(cuda_auto_path()));
+#else
+  return Py_BuildValue("{ss}", "cpu", auto_path_name(cpu_auto_path()));
+#endif
+}
+
 // _C.cell_traits() -> {name: (gates, cell_state, aux, rec_bias)} for every cell the ops know, read
 // from the cell structs (cells/*.h: kGates, kCellState, kAux, kRecBias), so that the Python side
 // (the fake kernels, the torch.func path's b_hh gradient) follows the kernels instead of keeping
@@ -504,6 +515,7 @@ PyMethodDef module_methods[] = {
     {"get_recurrence_path", py_get_setting<&recurrence_path_setting>, METH_NOARGS, "the recurrence path"},
     {"persistent_plan", py_persistent_plan, METH_VARARGS, "the persistent kernel's plan"},
     {"tuned_paths", py_tuned_paths, METH_NOARGS, "the CPU auto path's choices per shape"},
+    {"auto_paths", py_auto_paths, METH_NOARGS, "what the auto path runs on each backend"},
     {"_reset_tuned_paths", py_reset_tuned_paths, METH_NOARGS, "forget the CPU auto choices"},
     {"persistent_mma_plan", py_persistent_mma_plan, METH_VARARGS,
      "the persistent kernel's tensor-core plan"},

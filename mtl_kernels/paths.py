@@ -28,10 +28,11 @@ def recurrence_path(path: str):
     recurrence shape (cell, forward / backward / inference, G, B, H, dtype) times both paths on
     scratch inputs of that shape, then every call of that shape runs the faster one
     (``tuned_paths()`` lists the choices; both paths give the same results up to floating-point
-    rounding). On a GPU the sequence path wherever its plan fits. ``"sequence"``: the whole sequence in one kernel call wherever it can
-    run: on a GPU the persistent kernel (all time steps in one launch) where its plan fits the
-    device, on the CPU rows in parallel. ``"per_step"``: one batched GEMM and one cell kernel per
-    step.
+    rounding). On a GPU the per-step path: the persistent kernels are opt-in until a recorded GPU
+    run verifies them at the current code (``auto_paths()`` says what ``auto`` runs on each
+    backend). ``"sequence"``: the whole sequence in one kernel call wherever it can run: on a GPU
+    the persistent kernel (all time steps in one launch) where its plan fits the device, on the
+    CPU rows in parallel. ``"per_step"``: one batched GEMM and one cell kernel per step.
 
     The switch is one process-wide atomic setting of the extension
     (``mtl_kernels._C.set_recurrence_path``; every thread sees it); its default comes from the
@@ -45,6 +46,13 @@ def tuned_paths() -> list:
     "sequence"}]``, one per recurrence shape timed on both paths (key: "cell phase G B H dtype")."""
     return [{"key": k, "sequence_s": s, "per_step_s": p, "sequence": c}
             for k, s, p, c in _C.tuned_paths()]
+
+
+def auto_paths() -> dict:
+    """What the ``auto`` recurrence path runs on each backend of this build: ``{"cpu": "tuned"}``
+    (timed per shape, see :func:`tuned_paths`), plus ``"cuda": "per_step"`` where the CUDA kernels
+    are built (``"sequence"`` once a GPU run has verified the persistent kernels)."""
+    return dict(_C.auto_paths())
 
 
 def path_counts() -> dict:

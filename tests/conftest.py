@@ -8,6 +8,32 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import mtl_kernels  # noqa: E402
+from helpers import cpu_code_paths  # noqa: E402
+
+
+def _run_description():
+    """Which CPU-specific code runs here (tests of a path the CPU lacks skip, saying so), and where
+    mtl_kernels was imported from (the checkout, or an installed wheel)."""
+    return [f"mtl_kernels {mtl_kernels.__version__} from {os.path.dirname(mtl_kernels.__file__)}; "
+            f"torch {torch.__version__}",
+            "CPU code paths: " + "; ".join(f"{k}: {v}" for k, v in cpu_code_paths().items())]
+
+
+def pytest_report_header(config):
+    return _run_description()
+
+
+def pytest_terminal_summary(terminalreporter):
+    # also under -q, which prints no header: CI's log says which CPU kind ran the suite
+    for line in _run_description():
+        terminalreporter.write_line(line)
+
+
+if os.environ.get("MTL_KERNELS_EXPECT_INSTALLED") == "1":
+    # The wheel check (.ci/wheel_check.sh): the tests must see the installed package, not a
+    # checkout, so that a file missing from the wheel fails them.
+    _here = os.path.realpath(mtl_kernels.__file__)
+    assert "site-packages" in _here, f"mtl_kernels imported from {_here}, not an installed wheel"
 
 # Every device-parametrised test runs on both recurrence paths: the whole sequence in one kernel
 # call (the persistent kernel on a GPU, where its plan fits; rows in parallel on the CPU) and the

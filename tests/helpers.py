@@ -6,6 +6,37 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 HAS_C = {"lstm": True, "gru": False, "rnn_tanh": False, "rnn_relu": False}
 
 
+def cpu_flags():
+    """The CPU's feature flags as the kernel reports them (/proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+# x86-64-v4's AVX-512 subsets (the row loops' target_clones in csrc/recurrence/cpu.cpp)
+X86_64_V4 = {"avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"}
+
+
+def cpu_code_paths():
+    """The CPU-specific code this machine runs: the fp32 register tiles (AVX2 + FMA, chosen at run
+    time by the extension), the row loops' target clone (GCC's resolver picks x86-64-v4 where all
+    its AVX-512 subsets are present, v3 with AVX2 + FMA), and ATen's own CPU capability (what
+    nn.LSTM and the MKL / oneDNN products use)."""
+    from mtl_kernels import _C
+    flags = cpu_flags()
+    clone = ("x86-64-v4 (AVX-512)" if X86_64_V4 <= flags else
+             "x86-64-v3 (AVX2)" if {"avx2", "fma"} <= flags else "default")
+    return {"fp32 tiles": "AVX2+FMA" if _C._cpu_tiles_supported() else "off (no AVX2+FMA)",
+            "row loops": clone,
+            "avx512_bf16": "avx512_bf16" in flags,
+            "ATen": torch.backends.cpu.get_cpu_capability()}
+
+
 def randn(g, *shape, dtype=torch.float64, device="cpu", scale=1.0):
     """Fresh normal values drawn in fp64 on the CPU (so every dtype sees the same values, rounded)."""
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
@@ -45,6 +76,31 @@ def backward_args(cell, grads, args, fwd, reverse):
 
 def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def assert_close_to_truth(got, truth, bound, what="result"):
+    """Reduced-precision results against fp64 computed from the same rounded inputs, by
+    norm-relative error: each of `got` within `bound` of its `truth`, and none NaN-poisoned. The
+    rule for every bf16 / fp16 comparison in these tests: an elementwise bound between two
+    reduced-precision paths (or against fp64 of unrounded inputs) depends on the CPU's arithmetic
+    (MKL / oneDNN round differently on AVX-512 than on AVX2) and fails on a few elements."""
+    for i, (a, t) in enumerate(zip(got, truth)):
+        if a is None or not a.numel():
+            continue
+        assert not a.isnan().any(), f"{what} {i} has unwritten (NaN-poisoned) elements"
+        err = rel_err(a, t)
+        assert err <= bound, f"{what} {i}: norm-relative error {err:.3g} against fp64 > {bound:g}"
+
+
+def rounded_fp64(module, dtype):
+    """A float64 copy of `module` whose parameters are first rounded to `dtype`: the exact
+    arithmetic of the weights a `dtype` run sees."""
+    import copy
+    ref = copy.deepcopy(module)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.data = p.data.to(dtype).double()
+    return ref.double()
 
 
 def assert_all_close(got, want, **tol):

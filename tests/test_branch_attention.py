@@ -4,6 +4,7 @@ import itertools
 import pytest
 import torch
 
+from helpers import assert_close_to_truth
 from mtl_kernels import BranchAttention, branch_attention
 from mtl_kernels._ops import ops
 from mtl_kernels.reference import branch_attention_reference
@@ -121,12 +122,12 @@ def test_non_contiguous_input(device):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision(device, dtype):
-    x, w, b = _inputs((4, 64, 48), device, torch.float32)
+    """Against fp64 on the same rounded inputs, by norm-relative error (helpers)."""
+    x, w, b = (t.to(dtype) for t in _inputs((4, 64, 48), device, torch.float32))
     ref = branch_attention_reference(x.double(), w.double(), b.double())
-    out = branch_attention(x.to(dtype), w.to(dtype), b.to(dtype))
+    out = branch_attention(x, w, b)
     assert out.dtype == dtype
-    err = (out.double() - ref).norm() / ref.norm()
-    assert err < 1e-2, err
+    assert_close_to_truth([out], [ref], 1e-2)
 
 
 @pytest.mark.parametrize("shape,bias", list(itertools.product([(3, 5, 4), (1, 2, 7)], [True, False])))

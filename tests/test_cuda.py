@@ -39,11 +39,13 @@ def test_fp32_relative_error_under_1e5(shared):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shared", [True, False])
 def test_half_precision_forward_backward(dtype, shared):
-    ref, grouped, x, lengths = _case(dtype, shared)
+    """bf16 / fp16 against fp64 on the same rounded weights and input, by norm-relative error."""
+    _, grouped, x, lengths = _case(dtype, shared)
+    ref = LSTMLoop(copy.deepcopy(grouped).double().to_lstms())  # the `dtype` weights, in fp64
     xh = x.to(dtype).requires_grad_()
     out, (h, c) = grouped(xh, lengths=lengths)
     assert out.dtype == dtype and c.dtype == dtype
-    x64 = x.double().requires_grad_()
+    x64 = xh.detach().double().requires_grad_()
     r_out, (r_h, r_c) = ref(x64, lengths=lengths)
     for a, b in ((out, r_out), (h, r_h), (c, r_c)):
         assert rel_err(a, b) < 1e-2

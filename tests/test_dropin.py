@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import backward_args, recurrence_args, recurrence_grads
+from helpers import assert_close_to_truth, backward_args, recurrence_args, recurrence_grads
 from mtl_kernels import (BranchAttention, GroupedGRU, GroupedLSTM, GroupedRNN, GroupedRNNBase,
                          MultiTaskLSTM)
 from mtl_kernels import branch_attention
@@ -305,15 +305,22 @@ def test_autocast_cpu_bf16_like_nn_lstm():
     lstms = nn.ModuleList([nn.LSTM(6, 8, 2) for _ in range(2)])
     grouped = GroupedLSTM.from_lstms(lstms)
     x = torch.randn(7, 3, 6)
-    ref = grouped(x)[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out, (h, c) = grouped(x)
     assert out.dtype == torch.bfloat16 and c.dtype == torch.bfloat16
-    # bf16 arithmetic: close to fp32 and to the module cast to bf16 (which rounds b_ih and b_hh
-    # apart; autocast rounds their fp32 sum)
-    cast = GroupedLSTM.from_lstms(lstms).bfloat16()(x.bfloat16())[0]
-    assert (out.float() - ref).norm() / ref.norm() < 2e-2
-    assert (out.float() - cast.float()).norm() / cast.float().norm() < 2e-2
+    # against fp64 on what autocast rounds: the input, the weights and the fp32 sum b_ih + b_hh,
+    # each to bf16 (norm-relative; helpers.assert_close_to_truth)
+    truth = GroupedLSTM.from_lstms(lstms).double()
+    with torch.no_grad():
+        for name, p in truth.named_parameters():
+            if name.startswith("bias_ih"):
+                p.copy_((p + getattr(truth, name.replace("ih", "hh"))).float().bfloat16())
+            elif name.startswith("bias_hh"):
+                p.zero_()
+            else:
+                p.copy_(p.float().bfloat16())
+    want, (want_h, want_c) = truth(x.bfloat16().double())
+    assert_close_to_truth([out, h, c], [want, want_h, want_c], 2e-2)
     out.float().sum().backward()
     assert grouped.weight_hh_l1.grad is not None and grouped.weight_hh_l1.grad.dtype == torch.float32
     assert grouped.weight_hh_l1.grad.abs().sum() > 0

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from helpers import assert_close_to_truth, rounded_fp64
 from mtl_kernels import GroupedLSTM
 from mtl_kernels._ops import grouped_lstm_layer, ops
 from mtl_kernels.reference import LSTMLoop, grouped_lstm_composite
@@ -205,14 +206,16 @@ def test_to_lstms_and_state_dicts_round_trip():
     assert "num_groups=3, 3, 4, num_layers=2, bidirectional=True" in repr(grouped)
 
 
-def test_bfloat16_cpu_close_to_float32():
+def test_bfloat16_cpu_close_to_fp64():
+    """bf16 against fp64 on the same rounded weights and input, by norm-relative error (helpers:
+    assert_close_to_truth)."""
     torch.manual_seed(0)
     m = GroupedLSTM(3, 8, 16, num_layers=2)
-    x = torch.randn(6, 4, 8)
-    ref = m(x)[0]
-    out = m.to(torch.bfloat16)(x.bfloat16())[0]
-    err = (out.float() - ref).norm() / ref.norm()
-    assert err < 2e-2, err
+    x = torch.randn(6, 4, 8).bfloat16()
+    truth = rounded_fp64(m, torch.bfloat16)(x.double())
+    out = m.to(torch.bfloat16)(x)
+    assert out[0].dtype == torch.bfloat16
+    assert_close_to_truth([out[0], *out[1]], [truth[0], *truth[1]], 2e-2)
 
 
 def _op_args(shared, with_len, reverse, device, G=3, T=4, B=3, C=5, H=2, dtype=torch.float64):

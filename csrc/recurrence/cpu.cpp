@@ -408,9 +408,11 @@ bool backward_sequence_cpu(const BackwardSequence& s) {
 template <class Cell>
 constexpr RecurrenceKernels kCpuKernels{&forward_step_cpu<Cell>,     &backward_step_cpu<Cell>,
                                         &forward_sequence_cpu<Cell>, &backward_sequence_cpu<Cell>,
-                                        /*tuned=*/true,              &cpu_projects_input};
+                                        AutoPath::kTuned,            &cpu_projects_input};
 
 }  // namespace
+
+AutoPath cpu_auto_path() { return kCpuKernels<LstmCell>.auto_path; }
 
 ForwardResult grouped_recurrence_forward_cpu(const std::string& cell, const ForwardArgs& args) {
   return dispatch_cell(parse_cell(cell), [&](auto c) {

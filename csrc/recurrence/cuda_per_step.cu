@@ -85,12 +85,18 @@ void backward_step_cuda(const BackwardSequence& s, const at::Tensor& dh_in, cons
   });
 }
 
+// `auto` runs per step: the persistent kernels have run only in the CPU emulator, never on a GPU
+// (benchmarks/RESULTS.md lists what has), so they stay opt-in (recurrence_path("sequence")) until a
+// recorded GPU run at the current code shows them correct and faster; the GPU-proof issue changes
+// this line with that evidence.
 template <class Cell>
 constexpr RecurrenceKernels kCudaKernels{&forward_step_cuda<Cell>, &backward_step_cuda<Cell>,
                                          &persistent_forward_cuda<Cell>,
-                                         &persistent_backward_cuda<Cell>};
+                                         &persistent_backward_cuda<Cell>, AutoPath::kPerStep};
 
 }  // namespace
+
+AutoPath cuda_auto_path() { return kCudaKernels<LstmCell>.auto_path; }
 
 ForwardResult grouped_recurrence_forward_cuda(const std::string& cell, const ForwardArgs& args) {
   const c10::cuda::CUDAGuard guard(args.input.device());

@@ -148,7 +148,7 @@ double seconds(const F& f) {
 }
 
 // Whether choose_and_run tries the sequence path first (the switch, or the tuner's choice).
-// calibrate(): see PathTuner (called for a tuned backend's `auto` only). The scratch inputs have
+// calibrate(): see PathTuner (called for a tuned backend's `auto` only: AutoPath::kTuned). The scratch inputs have
 // one input feature, so the choice weighs the recurrences alone, not the input projection (which
 // the CPU's sequence path may run in its tiles and the per-step path by MKL's GEMM).
 template <typename Calibrate>
@@ -156,10 +156,17 @@ bool sequence_chosen(const RecurrenceKernels& kernels, bool has_sequence, const 
                      const Calibrate& calibrate) {
   const RecurrencePath path =
       t_forced_path >= 0 ? static_cast<RecurrencePath>(t_forced_path) : recurrence_path();
-  bool try_sequence = has_sequence && path != RecurrencePath::kPerStep;
-  if (try_sequence && path == RecurrencePath::kAuto && kernels.tuned)
-    try_sequence = tuner().sequence(key, calibrate);
-  return try_sequence;
+  if (!has_sequence || path == RecurrencePath::kPerStep) return false;
+  if (path == RecurrencePath::kSequence) return true;
+  switch (kernels.auto_path) {
+    case AutoPath::kTuned:
+      return tuner().sequence(key, calibrate);
+    case AutoPath::kSequence:
+      return true;
+    case AutoPath::kPerStep:
+      break;
+  }
+  return false;
 }
 
 // Counts one recurrence run on a path (mtl_kernels.path_counts()); the calibration's own runs, made

@@ -78,10 +78,18 @@ struct BackwardSequence {
 };
 
 // What a backend supplies for one cell. The sequence functions may be nullptr, and return false
-// when they cannot run these sizes (the per-step path then runs). `tuned`: under the `auto` path
-// the driver times both paths on the first calls of each shape and then runs the faster (the
-// CPU, where which one wins depends on the machine's GEMM and cache sizes); otherwise `auto`
-// runs the sequence path wherever it can.
+// when they cannot run these sizes (the per-step path then runs). `auto_path`: what the `auto`
+// switch runs on this backend (AutoPath).
+//
+// AutoPath::kTuned     the driver times both paths on the first calls of each shape and then runs
+//                      the faster (the CPU, where which one wins depends on the machine's GEMM and
+//                      cache sizes)
+// AutoPath::kPerStep   always per step; the sequence path only when asked for by name (the GPU until
+//                      a recorded GPU run verifies its persistent kernels at the current code:
+//                      benchmarks/RESULTS.md)
+// AutoPath::kSequence  the sequence path wherever it can run
+enum class AutoPath { kTuned, kPerStep, kSequence };
+
 struct RecurrenceKernels {
   // hproj (G, B, KH): h_{t-1} W_hh^T for step t.
   void (*forward_step)(const ForwardSequence&, const at::Tensor& hproj, int64_t t);
@@ -91,7 +99,7 @@ struct RecurrenceKernels {
                         const at::Tensor& dc, int64_t t);
   bool (*forward_sequence)(const ForwardSequence&) = nullptr;
   bool (*backward_sequence)(const BackwardSequence&) = nullptr;
-  bool tuned = false;
+  AutoPath auto_path = AutoPath::kPerStep;
   // Whether forward_sequence takes ForwardSequence::projected_input for this input (nullptr: never).
   // Where it does and the sequence path runs, the forward and the inference forward hand it the
   // input instead of projecting it with GEMMs (the inference forward's in chunks).
@@ -160,8 +168,8 @@ BackwardResult recurrence_backward(const BackwardArgs& args, const RecurrenceKer
 
 // The path switch: a setter on the extension (mtl_kernels._C.set_recurrence_path), atomic, with
 // the default taken once from MTL_KERNELS_LSTM_PATH.
-//   kAuto     the faster path: measured per shape where the backend asks for it (the CPU), else
-//             the sequence path wherever it can run (the GPU's persistent kernel)
+//   kAuto     what the backend's RecurrenceKernels::auto_path says: on the CPU the faster path,
+//             measured per shape; on the GPU per step (its persistent kernel is opt-in)
 //   kSequence the sequence path wherever the backend can run it
 //   kPerStep  always per step
 enum class RecurrencePath { kAuto, kSequence, kPerStep };
@@ -177,6 +185,14 @@ struct TunedPath {
 };
 std::vector<TunedPath> tuned_paths();
 void reset_tuned_paths();
+// What `auto` runs on each backend (its RecurrenceKernels::auto_path), for _C.auto_paths().
+AutoPath cpu_auto_path();
+#ifdef MTL_KERNELS_WITH_CUDA
+AutoPath cuda_auto_path();
+#endif
+inline const char* auto_path_name(AutoPath p) {
+  return p == AutoPath::kTuned ? "tuned" : p == AutoPath::kSequence ? "sequence" : "per_step";
+}
 // The tensor-core switch of the persistent kernel (persistent_mma.h): kAuto runs the tensor-core
 // variant where its plan fits (bf16 / fp16; fp32 where the user allows TF32 for matmuls), kOff
 // always the FMA variant. A setter on the extension (mtl_kernels._C.set_tensor_cores), atomic,

@@ -279,7 +279,8 @@ bool emulate_mma_backward_sequence(const BackwardSequence& s) {
 
 template <class Cell>
 constexpr RecurrenceKernels kEmulatedMmaKernels{nullptr, nullptr, &emulate_mma_forward_sequence<Cell>,
-                                                &emulate_mma_backward_sequence<Cell>};
+                                                &emulate_mma_backward_sequence<Cell>,
+                                                AutoPath::kSequence};  // it has no per-step kernels
 
 template <class Cell>
 bool emulate_forward_sequence(const ForwardSequence& s) {
@@ -307,7 +308,8 @@ bool emulate_backward_sequence(const BackwardSequence& s) {
 
 template <class Cell>
 constexpr RecurrenceKernels kEmulatedKernels{nullptr, nullptr, &emulate_forward_sequence<Cell>,
-                                             &emulate_backward_sequence<Cell>};
+                                             &emulate_backward_sequence<Cell>,
+                                             AutoPath::kSequence};  // it has no per-step kernels
 
 }  // namespace
 
