@@ -546,7 +546,11 @@ _PARALLEL_SCRIPT = textwrap.dedent("""
     for (n, p), q in zip(params, single.parameters()):
         torch.testing.assert_close(full_grad(p), q.grad, msg=n)
     dist.destroy_process_group()
-    print(f"rank {rank} ok")
+    print(f"rank {rank} ok", flush=True)
+    # Past the checks, skip the interpreter's teardown: with torch 2.13.0 one FSDP2 rank once
+    # aborted there ("terminate called without an active exception", after printing ok; seen once
+    # in the CI wheel check, not in 20 reruns), which is torch's shutdown, not what this tests.
+    os._exit(0)
 """)
 
 
