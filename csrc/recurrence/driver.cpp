@@ -148,9 +148,10 @@ double seconds(const F& f) {
 }
 
 // Whether choose_and_run tries the sequence path first (the switch, or the tuner's choice).
-// calibrate(): see PathTuner (called for a tuned backend's `auto` only: AutoPath::kTuned). The scratch inputs have
-// one input feature, so the choice weighs the recurrences alone, not the input projection (which
-// the CPU's sequence path may run in its tiles and the per-step path by MKL's GEMM).
+// calibrate(): see PathTuner (called for `auto` on a backend with AutoPath::kTuned only). The
+// scratch inputs have one input feature, so the choice weighs the recurrences alone, not the input
+// projection (which the CPU's sequence path may run in its tiles and the per-step path by MKL's
+// GEMM).
 template <typename Calibrate>
 bool sequence_chosen(const RecurrenceKernels& kernels, bool has_sequence, const std::string& key,
                      const Calibrate& calibrate) {
