@@ -29,6 +29,7 @@ Dropout (train, dropout > 0, num_layers > 1) follows vmap's ``randomness``: "err
 raises as any random op under vmap does; "different" draws a mask per member; "same" one mask shared
 by all members.
 """
+import contextlib
 from typing import List, Optional, Sequence
 
 import torch
@@ -381,6 +382,126 @@ def _layers_rule(keyset, cell, input, lengths, hx, params, has_biases, num_layer
     return [_add_batch_dim(t, 0, level) for t in outs]
 
 
+# ---- batched gradients of the grouped modules ----------------------------------------------------
+# mtl_kernels::_grouped_recurrence_backward_in_place under a vmap: the modules' C++ backward run
+# over N cotangents at once. autograd.grad(is_grads_batched=True), gradcheck / gradgradcheck's
+# check_batched_grad and autograd.functional.jacobian(vectorize=True) vmap with torch's legacy vmap
+# (torch._vmap_internals: the "Batched" key); a torch.func.vmap over autograd.grad of an eager
+# graph with torch.func's (FuncTorchBatched). Neither's fallback serves an op that writes an
+# argument; and the saved gates it writes over are one forward's, so each member needs a copy.
+_BACKWARD_ARGS = ("grad_output", "grad_h_n", "grad_c_n", "input", "weight_ih", "weight_hh",
+                  "weight_hr", "gates", "h_states", "aux", "lengths")
+
+
+def _backward_batched(cell, val, dim, N, reverse, input_grad, shared):
+    """The backward of N members. val: the op's tensor arguments by name, unwrapped; dim: their
+    vmapped dims (None: the same for every member); shared: the input is (T, B, C).
+    Returns [(result, out_dim or None)] for the op's 8 results.
+
+    Where only the incoming gradients are vmapped (the saved tensors are one forward's: the usual
+    case), the N cotangents of the G groups are N*G groups of one backward call over copies of the
+    saved tensors, in the per-group layout: input (N*G, T, B, C) (a shared input's gradient is then
+    the sum over its groups), gates (N*G, T, B, KH). Otherwise a loop over the members of the
+    backward that writes nothing (grouped_recurrence_backward)."""
+    ops = torch.ops.mtl_kernels
+    G = val["weight_ih"].shape[0] if dim["weight_ih"] is None else val["weight_ih"].shape[1]
+    if any(dim[k] is not None for k in _BACKWARD_ARGS if not k.startswith("grad_")):
+        def member(i):
+            a = {k: v if dim[k] is None or v is None else v.select(dim[k], i)
+                 for k, v in val.items()}
+            return ops.grouped_recurrence_backward(cell, *[a[k] for k in _BACKWARD_ARGS[:10]],
+                                                   a["lengths"], reverse, input_grad)
+        return [(torch.stack(r), 0) for r in zip(*[member(i) for i in range(N)])]
+
+    def merged(t, d=None):  # (G, ...) per member -> (N*G, ...), a copy
+        t = t.expand(N, *t.shape) if d is None else t.movedim(d, 0)
+        return t.reshape(N * t.shape[1], *t.shape[2:])
+
+    x, gates, aux, w_hr, g_c = val["input"], val["gates"], val["aux"], val["weight_hr"], val["grad_c_n"]
+    d = ops._grouped_recurrence_backward_in_place(
+        cell, merged(val["grad_output"], dim["grad_output"]),  # (N*G, T, B, R)
+        merged(val["grad_h_n"], dim["grad_h_n"]),  # (N*G, B, R)
+        None if g_c is None else merged(g_c, dim["grad_c_n"]),  # (N*G, B, H)
+        merged(x.expand(G, *x.shape) if shared else x),  # (N*G, T, B, C)
+        merged(val["weight_ih"]), merged(val["weight_hh"]), None if w_hr is None else merged(w_hr),
+        merged(gates.permute(2, 0, 1, 3) if shared else gates),  # (T, B, G, KH) -> (N*G, T, B, KH)
+        merged(val["h_states"]),  # (N*G, T+1, B, R)
+        merged(aux) if aux.numel() else aux,  # (N*G, T+1, B, H) or the (0,) of a cell without
+        val["lengths"], reverse, input_grad)
+    out = []
+    for i, t in enumerate(d):
+        if t.dim() == 1 and t.numel() == 0:  # a (0,) placeholder: the same for every member
+            out.append((t, None))
+            continue
+        t = t.unflatten(0, (N, G))  # (N, G, ...)
+        if i == 0 and shared:
+            t = t.sum(1)  # a shared input's gradient: the sum over its groups, (N, T, B, C)
+        out.append((t, 0))
+    return out
+
+
+def _backward_in_place_rule(keyset, cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                            weight_hh, weight_hr, gates, h_states, aux, lengths, reverse,
+                            input_grad=True):
+    """The FuncTorchBatched kernel (torch.func.vmap)."""
+    args = (grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, gates,
+            h_states, aux, lengths)
+    level, N, _ = _current_vmap()
+    un = {k: _unwrap(v, level) for k, v in zip(_BACKWARD_ARGS, args)}
+    with _below():
+        if all(d is None for _, d in un.values()):
+            return torch.ops.mtl_kernels._grouped_recurrence_backward_in_place(
+                cell, *args, reverse, input_grad)
+        res = _backward_batched(cell, {k: v for k, (v, _) in un.items()},
+                                {k: d for k, (_, d) in un.items()}, N, reverse, input_grad,
+                                input.dim() == 3)
+    return tuple(t if d is None else _add_batch_dim(t, d, level) for t, d in res)
+
+
+def _legacy_vmap_level() -> int:
+    """The level of the innermost legacy vmap (torch._vmap_internals), which has no query of its
+    own: one more nesting, read, undone."""
+    level = torch._C._vmapmode_increment_nesting()
+    torch._C._vmapmode_decrement_nesting()
+    return level - 1
+
+
+@contextlib.contextmanager
+def _legacy_vmap_mode_off(level: int):
+    """The legacy vmap's nesting at 0 meanwhile (its mode key, on while any level is, is not
+    reachable from Python by name); the batched tensors keep their levels."""
+    for _ in range(level):
+        torch._C._vmapmode_decrement_nesting()
+    try:
+        yield
+    finally:
+        for _ in range(level):
+            torch._C._vmapmode_increment_nesting()
+
+
+def _backward_in_place_legacy_rule(cell, grad_output, grad_h_n, grad_c_n, input, weight_ih,
+                                   weight_hh, weight_hr, gates, h_states, aux, lengths, reverse,
+                                   input_grad=True):
+    """The "Batched" kernel (torch's legacy vmap: is_grads_batched, check_batched_grad,
+    jacobian(vectorize=True)). A legacy batched tensor is unwrapped with its vmapped dim at 0."""
+    from torch._C._functorch import is_legacy_batchedtensor
+    args = (grad_output, grad_h_n, grad_c_n, input, weight_ih, weight_hh, weight_hr, gates,
+            h_states, aux, lengths)
+    level = _legacy_vmap_level()
+    batched = [isinstance(t, Tensor) and is_legacy_batchedtensor(t) for t in args]
+    # the vmapped size: the leading dim of a batched argument, unwrapped (the size is only used
+    # to expand an argument that is not batched at this level, so 1 will do here)
+    N = torch._remove_batch_dim(args[batched.index(True)], level, 1, 0).shape[0]
+    val = {k: torch._remove_batch_dim(t, level, N, 0) if b else t
+           for k, t, b in zip(_BACKWARD_ARGS, args, batched)}
+    dim = {k: 0 if b else None for k, b in zip(_BACKWARD_ARGS, batched)}
+    # the legacy vmap's mode key refuses random ops, and the CPU path tuner's first call of a new
+    # shape (N*G groups) times both paths on random scratch inputs: the mode off meanwhile
+    with _legacy_vmap_mode_off(level):
+        res = _backward_batched(cell, val, dim, N, reverse, input_grad, input.dim() == 3)
+    return tuple(t if d is None else torch._add_batch_dim(t, d, level) for t, d in res)
+
+
 # ---- registration ------------------------------------------------------------------------------------
 _mtl_lib = torch.library.Library("mtl_kernels", "FRAGMENT")
 _mtl_lib.define("_vmap_rnn_layers(str cell, Tensor input, Tensor? lengths, Tensor[] hx, "
@@ -388,6 +509,9 @@ _mtl_lib.define("_vmap_rnn_layers(str cell, Tensor input, Tensor? lengths, Tenso
                 "float dropout, str dropout_mode) -> Tensor[]")
 _mtl_lib.impl("_vmap_rnn_layers", _layers, "CompositeImplicitAutograd")
 _mtl_lib.impl("_vmap_rnn_layers", _layers_rule, "FuncTorchBatched", with_keyset=True)
+_mtl_lib.impl("_grouped_recurrence_backward_in_place", _backward_in_place_rule, "FuncTorchBatched",
+              with_keyset=True)
+_mtl_lib.impl("_grouped_recurrence_backward_in_place", _backward_in_place_legacy_rule, "Batched")
 
 _aten_lib = torch.library.Library("aten", "IMPL")
 for _cell in ("lstm", "gru", "rnn_tanh", "rnn_relu"):

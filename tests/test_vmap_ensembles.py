@@ -294,3 +294,103 @@ def test_calls_outside_vmap_do_not_reach_the_rules():
     grad(lambda p: functional_call(base, p, (x,))[0].sum())({k: v[0] for k, v in params.items()})
     vmap(grad(lambda p: functional_call(base, p, (x,))[0].sum()))(params)  # grad innermost
     assert _counts()[0] == before
+
+
+# ---- batched gradients of the grouped modules ------------------------------------------------------
+GROUPED = [  # class, kwargs, per-group input
+    (mtl_kernels.GroupedLSTM, dict(num_layers=2), False),
+    (mtl_kernels.GroupedLSTM, dict(proj_size=1, bidirectional=True), True),
+    (mtl_kernels.GroupedGRU, dict(bidirectional=True, batch_first=True), False),
+    (mtl_kernels.GroupedRNN, dict(nonlinearity="relu", num_layers=2), True),
+    (mtl_kernels.GroupedRNN, dict(bias=False), False),
+]
+
+
+def _grouped_case(cls, kw, per_group, G=2, T=3, B=2, C=3, H=2, seed=0):
+    torch.manual_seed(seed)
+    m = cls(G, C, H, **kw).to(DT)
+    shape = (B, T, C) if kw.get("batch_first") else (T, B, C)
+    x = torch.randn(*((G,) if per_group else ()), *shape, dtype=DT, requires_grad=True)
+    names = [n for n, _ in m.named_parameters()]
+
+    def f(x, *ps):  # every result, through the C++ autograd (no transform)
+        out, h = functional_call(m, dict(zip(names, ps)), (x,))
+        return (out,) + (tuple(h) if isinstance(h, tuple) else (h,))
+    return m, x, f
+
+
+@pytest.mark.parametrize("cls,kw,per_group", GROUPED, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_gradcheck_and_gradgradcheck_with_batched_grad(cls, kw, per_group):
+    m, x, f = _grouped_case(cls, kw, per_group)
+    ps = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    inputs = (x, ps[0], ps[1]) + tuple(p.detach() for p in ps[2:])  # input, w_ih, w_hh
+    fn = lambda x, *ps: f(x, *ps)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, check_batched_grad=True)
+    assert torch.autograd.gradgradcheck(fn, inputs, check_batched_grad=True)
+
+
+@pytest.mark.parametrize("cls,kw,per_group", GROUPED, ids=lambda v: getattr(v, "__name__", str(v)))
+def test_is_grads_batched_is_one_backward_and_matches_the_loop(cls, kw, per_group):
+    m, x, f = _grouped_case(cls, kw, per_group)
+    outs = f(x, *m.parameters())
+    g = torch.Generator().manual_seed(3)
+    N = 4
+    cots = [torch.randn(N, *o.shape, generator=g, dtype=DT) for o in outs]
+    leaves = [x] + list(m.parameters())
+    _, paths0 = _counts()
+    got = torch.autograd.grad(outs, leaves, cots, retain_graph=True, is_grads_batched=True)
+    _, paths1 = _counts()
+    L, D = kw.get("num_layers", 1), 2 if kw.get("bidirectional") else 1
+    backwards = sum(paths1[k] - paths0[k] for k in ("backward_sequence", "backward_per_step"))
+    assert backwards == L * D  # the N cotangents in one grouped backward per layer and direction
+    for i in range(N):
+        want = torch.autograd.grad(outs, leaves, [c[i] for c in cots], retain_graph=True)
+        for j, (a, b) in enumerate(zip(got, want)):
+            torch.testing.assert_close(a[i], b, msg=f"member {i}, leaf {j}")
+
+
+@pytest.mark.parametrize("cls,kw,per_group", GROUPED[:3], ids=lambda v: getattr(v, "__name__", str(v)))
+def test_jacobian_vectorized_and_jacrev_match_the_unvectorized_jacobian(cls, kw, per_group):
+    m, x, f = _grouped_case(cls, kw, per_group, B=1)
+    first = lambda x: f(x, *m.parameters())[0]  # noqa: E731
+    want = torch.autograd.functional.jacobian(first, x.detach())
+    torch.testing.assert_close(torch.autograd.functional.jacobian(first, x.detach(), vectorize=True),
+                               want)
+    torch.testing.assert_close(jacrev(lambda x: m(x)[0])(x.detach()), want)
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("what", ["grads", "saved"])
+def test_backward_in_place_under_torch_func_vmap(shared, what):
+    # the op itself under torch.func.vmap: vmapped incoming gradients (one merged call) or a
+    # vmapped saved tensor too (the loop over members); against the op per member
+    from helpers import backward_args, recurrence_args
+    ops = torch.ops.mtl_kernels
+    G, T, B, C, H, N = 2, 4, 3, 2, 3, 3
+    args = recurrence_args("lstm", G, T, B, C, H, shared=shared, seed=5)
+    fwd = ops.grouped_recurrence_forward("lstm", *args, False)
+    g = torch.Generator().manual_seed(6)
+    gout = torch.randn(N, G, T, B, H, generator=g, dtype=DT)
+    gh = torch.randn(N, G, B, H, generator=g, dtype=DT)
+    gc = torch.randn(G, B, H, generator=g, dtype=DT)
+    base = list(backward_args("lstm", (gout[0], gh[0], gc), args, fwd, False))
+    w_hh = torch.randn(N, *args[2].shape, generator=g, dtype=DT)  # a vmapped saved tensor
+
+    def op(go, h, w):
+        a = list(base)
+        a[0], a[1] = go, h
+        a[7] = fwd[3].clone()  # the gates it writes over: a fresh copy per call
+        if w is not None:
+            a[5] = w
+        return ops._grouped_recurrence_backward_in_place("lstm", *a)
+
+    w_in = (w_hh, 0) if what == "saved" else (None, None)
+    got = vmap(op, in_dims=(0, 0, w_in[1]))(gout, gh, w_in[0])
+    for i in range(N):
+        a = list(base)
+        a[0], a[1] = gout[i], gh[i]
+        if what == "saved":
+            a[5] = w_hh[i]
+        want = ops.grouped_recurrence_backward("lstm", *a)
+        for j, (x, y) in enumerate(zip(got, want)):
+            torch.testing.assert_close(x[i] if x.dim() == y.dim() + 1 else x, y, msg=f"{i} {j}")
