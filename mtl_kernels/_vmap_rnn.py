@@ -14,8 +14,8 @@ tensor batched at it: every non-vmapped call, and vmap(grad(f)) (grad innermost:
 the op into per-layer ops with batching rules, as before), take torch's path unchanged.
 
 Inside a rule (level L, N = the vmapped size), the tensors are unwrapped at L and one of three
-things runs, below L (``interpreter.lower()``), so that outer transforms (grad(vmap(...)), an outer
-vmap) see ordinary ops:
+things runs below L (see _below), so that outer transforms (grad(vmap(...)), an outer vmap) see
+ordinary ops:
   * grouped: some parameter is vmapped -> G = N groups, the grouped op per layer and direction
     (mtl_kernels._ops.recurrence_layer, which itself takes the torch.func path under outer
     transforms); an unvmapped parameter is expanded to the G members; an unvmapped input is the
@@ -28,6 +28,9 @@ vmap) see ordinary ops:
 Dropout (train, dropout > 0, num_layers > 1) follows vmap's ``randomness``: "error" (vmap's default)
 raises as any random op under vmap does; "different" draws a mask per member; "same" one mask shared
 by all members.
+
+Also here: the batched gradients of the grouped modules (a vmap over their C++ backward, whose
+in-place op functorch cannot batch): _backward_in_place_rule and its legacy-vmap twin.
 """
 import contextlib
 from typing import List, Optional, Sequence
