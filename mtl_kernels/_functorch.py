@@ -87,9 +87,13 @@ class _RecurrenceFunction(torch.autograd.Function):
             g_h = _zeros_if_none(g_h, h0)
             g_c = _zeros_if_none(g_c, c0) if has_c else None
             input_grad = ctx.needs_input_grad[1]  # else its product is skipped
-            dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0 = ops.grouped_recurrence_backward(
-                ctx.cell, g_out, g_h, g_c, input, weight_ih, weight_hh, weight_hr, gates, h_states,
-                aux, lengths, ctx.reverse, input_grad)
+            # below autograd, as the C++ autograd runs it: torch.func's vjp differentiates with
+            # grad mode on, and the projected LSTM's kernels write GEMM results with out= ops,
+            # which refuse arguments that require grad (jacrev of a GroupedLSTM with proj_size)
+            with torch._C._AutoDispatchBelowAutograd():
+                dx, dw_ih, dw_hh, db, db_hh, dw_hr, dh0, dc0 = ops.grouped_recurrence_backward(
+                    ctx.cell, g_out, g_h, g_c, input, weight_ih, weight_hh, weight_hr, gates,
+                    h_states, aux, lengths, ctx.reverse, input_grad)
             if not CELL_KEEPS_BIAS_HH[ctx.cell]:  # the op added b_hh to the bias: the same gradient
                 db_hh = db
             d = [dx if input_grad else None, dw_ih, dw_hh, db if has_bias else None,
