@@ -82,7 +82,14 @@ def main():
     vmap_fwd()
     assert mtl_kernels._vmap_rnn.rule_counts()["grouped"] == before + 1
 
-    fns = {"loop f+b": loop_fb, "vmap f+b": vmap_fb, "grouped f+b": grouped_fb,
+    # The machine's ceiling, measured in the same rounds: a square fp32 matmul's GFLOP/s. A ratio
+    # against the loop is bounded by (ceiling / the loop's GFLOP/s), whatever the kernel.
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+
+    def gemm():
+        return a @ b
+
+    fns = {"gemm": gemm, "loop f+b": loop_fb, "vmap f+b": vmap_fb, "grouped f+b": grouped_fb,
            "loop fwd": loop_fwd, "vmap fwd": vmap_fwd, "grouped fwd": grouped_fwd}
     cpu = torch.device("cpu")
     med = dict(zip(fns, interleaved_medians(list(fns.values()), cpu, warmup=3,
@@ -96,6 +103,28 @@ def main():
         lp, vm, gr = (med[f"{w} {kind}"] for w in ("loop", "vmap", "grouped"))
         print(f"| {kind} | {lp * 1e3:.2f} | {vm * 1e3:.2f} | {gr * 1e3:.2f} | {lp / vm:.2f}x | "
               f"{vm / gr:.3f}x |")
+    peak = 2 * 1024 ** 3 / med["gemm"]
+    flops = ensemble_flops(G, C, H, T, B, L)
+    print(f"\nceiling: a 1024x1024 fp32 matmul in the same rounds, {peak / 1e9:.0f} GFLOP/s; the products' "
+          f"FLOPs of each pass, as GFLOP/s and a share of that ceiling:")
+    print("| pass | GFLOP | loop | vmap | grouped | best ratio to the loop at the ceiling |")
+    print("|---|---|---|---|---|---|")
+    for kind in ("f+b", "fwd"):
+        rates = [flops[kind] / med[f"{w} {kind}"] for w in ("loop", "vmap", "grouped")]
+        cells = " | ".join(f"{r / 1e9:.0f} ({r / peak:.0%})" for r in rates)
+        print(f"| {kind} | {flops[kind] / 1e9:.2f} | {cells} | {peak / rates[0]:.2f}x |")
+
+
+def ensemble_flops(G, C, H, T, B, L):
+    """The matrix products' FLOPs of an ensemble pass (gate nonlinearities left out): forward
+    x W_ih^T + h W_hh^T per layer; the backward of a loss over the weights alone adds dh W_hh, dW_ih,
+    dW_hh per layer and dx W_ih for the layers above the first (the input needs no gradient)."""
+    fwd = bwd = 0
+    for layer in range(L):
+        c = C if layer == 0 else H
+        fwd += 2 * T * B * 4 * H * (c + H)
+        bwd += 2 * T * B * 4 * H * H + 2 * T * B * 4 * H * (c + H) + (2 * T * B * 4 * H * c if layer else 0)
+    return {"fwd": G * fwd, "f+b": G * (fwd + bwd)}
 
 
 if __name__ == "__main__":
