@@ -7,9 +7,12 @@ sizes, each with its own training subset:
   even   binary (BCE with logits)      on 50%
   mod3   3-class (cross-entropy)       on 25%
 Both models start from the same weights and see the same batches (same seed); one batch per task per
-step (TaskInterleaver, cycle mode), losses summed by MultiTaskLoss.
+step (TaskInterleaver, cycle mode), each task its own batch size (--batch-sizes, 64/32/16 by default:
+the three loaders then have equally many batches), losses summed by MultiTaskLoss. The grouped model
+takes the step's list of batches as it is: one grouped call for the three tasks of different sizes.
 
-  python benchmarks/train_multitask.py [--epochs 15] [--device cpu|cuda] [--json F] [--no-plot]
+  python benchmarks/train_multitask.py [--epochs 15] [--batch-sizes 64,32,16] [--device cpu|cuda]
+                                       [--json F] [--no-plot]
 Needs scikit-learn (pip install .[bench]); tqdm (progress bar) and matplotlib (PNG plot) optional.
 """
 import argparse
@@ -74,9 +77,9 @@ class GroupedModel(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(h.in_features, h.out_features) for h in loop_model.heads])
         self.heads.load_state_dict(loop_model.heads.state_dict())
 
-    def forward(self, xs):  # one (B, T, C) batch per task -> one grouped op for all tasks
-        out, _ = self.lstm(torch.stack(xs))  # (K, B, T, H)
-        return [head(out[k, :, -1]) for k, head in enumerate(self.heads)]
+    def forward(self, xs):  # one (B_k, T, C) batch per task, B_k its own -> one grouped op for all
+        outs = self.lstm(list(xs))  # [(output_k (B_k, T, H), (h_k, c_k))], as the loop's
+        return [head(out[:, -1]) for (out, _), head in zip(outs, self.heads)]
 
 
 def task_loss(k):
@@ -101,8 +104,8 @@ def evaluate(model, test, device):
 
 def train(model, train_sets, test, args, device, label):
     g = torch.Generator().manual_seed(args.seed)
-    loaders = [DataLoader(ds, batch_size=args.batch, shuffle=True, generator=g, drop_last=True)
-               for ds in train_sets]
+    loaders = [DataLoader(ds, batch_size=b, shuffle=True, generator=g, drop_last=True)
+               for ds, b in zip(train_sets, args.batch_sizes)]
     batches = TaskInterleaver(loaders, mode="cycle", per_step=True)
     criterion = MultiTaskLoss([task_loss(k) for k in range(len(TASKS))])
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
@@ -165,7 +168,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=15)
     ap.add_argument("--hidden", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batch-sizes", default="64,32,16",
+                    help="one batch size per task, comma-separated (or one for all)")
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-samples", type=int, default=10 ** 9)
@@ -174,11 +178,16 @@ def main():
     ap.add_argument("--plot", default="train_multitask.png")
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args()
+    sizes = [int(v) for v in args.batch_sizes.split(",")]
+    if len(sizes) not in (1, len(TASKS)) or min(sizes) < 1:
+        ap.error(f"--batch-sizes needs 1 or {len(TASKS)} positive sizes, got {args.batch_sizes!r}")
+    args.batch_sizes = sizes * len(TASKS) if len(sizes) == 1 else sizes
     device = torch.device(args.device)
     train_sets, test = load_data(args.max_samples, args.seed)
     print(f"# digits as 8-step sequences; tasks " +
           ", ".join(f"{n} ({'binary' if c == 1 else f'{c}-class'}, {len(ds)} train)"
-                    for (n, c, _, _), ds in zip(TASKS, train_sets)) + f"; {len(test[1])} test; {device}")
+                    for (n, c, _, _), ds in zip(TASKS, train_sets)) + f"; {len(test[1])} test; {device}; "
+          f"batch sizes {args.batch_sizes}")
     torch.manual_seed(args.seed)
     loop_model = LoopModel(args.hidden).to(device)
     grouped_model = GroupedModel(loop_model).to(device)  # same initial weights

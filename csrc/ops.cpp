@@ -28,8 +28,9 @@ TORCH_LIBRARY(mtl_kernels, m) {
   //   None [gru: inside r * (W_hn h + b_hn), so given with bias or not at all; lstm / rnn: the
   //   op adds it to bias, and its gradient in backward is grad_bias]
   //   weight_hr (G, P, H): lstm only, nn.LSTM's proj_size: h_t = W_hr (o * tanh(c_t)), P wide
-  //   h0 (G, B, R) with R = P or H; c0 (G, B, H) for lstm only; lengths (B,) int64: steps
-  //   t >= lengths[b] are padding (state held, output 0)
+  //   h0 (G, B, R) with R = P or H; c0 (G, B, H) for lstm only; lengths (B,) int64, or
+  //   (G, B) per group (0 allowed: a row that holds no sequence): steps t >= the row's length
+  //   are padding (state held, output 0)
   // Returns output (G, T, B, R), h_n (G, B, R), c_n (G, B, H) [lstm; else (0,)] and what the
   // backward needs: gates, the saved per-step values ((T, B, G, KH) for a shared input,
   // (G, T, B, KH) per group), h_states (G, T+1, B, R), and aux (G, T+1, B, H) in fp32 for the half

@@ -3,7 +3,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 from .branch_attention import BranchAttention
 from .grouped_rnn import grouped_module_for
@@ -80,7 +80,11 @@ class MultiTaskLSTM(nn.Module):
 
     forward(x, lengths=None, task=None):
       x: (B, T, C) shared by every task, (K, B, T, C) one batch per task, token ids (B, T) /
-         (K, B, T) with an embedding, or a PackedSequence of either.
+         (K, B, T) with an embedding, or a PackedSequence of either; or a list of K per-task
+         batches, each its own B_k and T_k: (B_k, T_k, C) / token ids (B_k, T_k) or a
+         PackedSequence (lengths then a list of K entries, each (B_k,) or None), all tasks still
+         one grouped call per layer (what TaskInterleaver(per_step=True) yields, loaders of
+         different batch sizes included).
       task: None -> a list with every task's output (B, output_sizes[k]);
             k    -> task k's output only, computing only task k's recurrence (round-robin training
                     with one task's batch per step).
@@ -111,8 +115,10 @@ class MultiTaskLSTM(nn.Module):
         self.heads = nn.ModuleList([nn.Linear(hidden_size, k, device=device, dtype=dtype)
                                     for k in output_sizes])
 
-    def forward(self, x: Union[Tensor, PackedSequence], lengths: Optional[Tensor] = None,
+    def forward(self, x: Union[Tensor, PackedSequence, Sequence], lengths=None,
                 task: Optional[int] = None):
+        if isinstance(x, (list, tuple)) and not isinstance(x, PackedSequence):  # (a namedtuple)
+            return self._forward_tasks(x, lengths, task)
         if isinstance(x, PackedSequence):
             if lengths is not None:
                 raise ValueError("lengths must be None when x is a PackedSequence")
@@ -135,3 +141,49 @@ class MultiTaskLSTM(nn.Module):
         if task is not None:
             return self.heads[task](pooled[0])
         return [head(pooled[k]) for k, head in enumerate(self.heads)]
+
+    def _forward_tasks(self, xs: Sequence, lengths, task: Optional[int]) -> List[Tensor]:
+        """forward() for a list of K per-task batches, each its own (B_k, T_k): a list of K
+        outputs (B_k, output_sizes[k]). Every task's recurrence runs in the same grouped call (the
+        grouped module's list input, per-(task, row) lengths)."""
+        K = self.num_tasks
+        if task is not None:
+            raise ValueError("task= takes one batch; a list of per-task batches runs every task")
+        if len(xs) != K:
+            raise ValueError(f"a list of per-task batches needs one entry per task ({K}), got {len(xs)}")
+        if lengths is None:
+            lengths = [None] * K
+        elif not isinstance(lengths, (list, tuple)) or len(lengths) != K:
+            raise ValueError(f"with a list of per-task batches, lengths must be None or a list of "
+                             f"{K} entries (each (B_k,) or None)")
+        entries, task_lengths = [], []
+        for k, (x, len_k) in enumerate(zip(xs, lengths)):
+            if isinstance(x, PackedSequence):
+                if len_k is not None:
+                    raise ValueError(f"lengths[{k}] must be None when x[{k}] is a PackedSequence")
+                x, len_k = pad_packed_sequence(x, batch_first=True)
+            if not isinstance(x, Tensor):
+                raise TypeError(f"x[{k}] must be a Tensor or PackedSequence, got {type(x).__name__}")
+            if self.embedding is not None:
+                if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
+                    raise ValueError(f"x[{k}]: token input must be integer ids (B_k, T_k), got "
+                                     f"{x.dtype} of shape {tuple(x.shape)}")
+                x = self.embedding(x)  # (B_k, T_k, E)
+            elif x.dim() != 3:
+                raise ValueError(f"x[{k}] must be (B_k, T_k, C), got shape {tuple(x.shape)}")
+            if len_k is not None:
+                len_k = torch.as_tensor(len_k).cpu()
+                if tuple(len_k.shape) != (x.shape[0],):
+                    raise ValueError(f"lengths[{k}] must be ({x.shape[0]},), one per row of x[{k}], "
+                                     f"got shape {tuple(len_k.shape)}")
+                entries.append(pack_padded_sequence(x, len_k, batch_first=True, enforce_sorted=False))
+            else:
+                entries.append(x)
+            task_lengths.append(len_k)
+        outs = []
+        for k, ((seq, _), len_k) in enumerate(zip(self.lstm(entries), task_lengths)):
+            if isinstance(seq, PackedSequence):  # (B_k, T_k, H) again, for the pooling
+                seq, _ = pad_packed_sequence(seq, batch_first=True)
+            pooled = _pool(seq.unsqueeze(0), len_k, self.pooling)[0]  # (B_k, H)
+            outs.append(self.heads[k](pooled))
+        return outs

@@ -304,8 +304,11 @@ class GroupedRNNBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
     # -- forward ---------------------------------------------------------------------------
-    def forward(self, input: Union[Tensor, PackedSequence], hx=None,
+    def forward(self, input: Union[Tensor, PackedSequence, Sequence], hx=None,
                 lengths: Optional[Tensor] = None, groups: Optional[Sequence[int]] = None):
+        # one batch per group, each its own B and T (a PackedSequence is a tuple too: not a list)
+        if isinstance(input, (list, tuple)) and not isinstance(input, PackedSequence):
+            return self._forward_list(input, hx, lengths, groups)
         packed = isinstance(input, PackedSequence)
         unbatched = False
         if packed:
@@ -352,6 +355,171 @@ class GroupedRNNBase(nn.Module):
         lengths = self._check_lengths(lengths, B, T, x.device)
         # hx None: zero states, made per layer and direction below
         h0, c0 = (None, None) if hx is None else self._check_hx(hx, G, B, x, unbatched)
+        output, h_n, c_n = self._run_layers(x, h0, c0, lengths, group_index, G, B)
+        hidden = h_n if c_n is None else (h_n, c_n)
+
+        if packed:
+            return self._pack_like(output, input, lengths), hidden
+        if unbatched:  # drop the batch dim of one
+            output = output.squeeze(2)
+            hidden = tuple(t.squeeze(2) for t in hidden) if c_n is not None else hidden.squeeze(2)
+        elif self.batch_first:
+            output = output.transpose(1, 2)  # (G, B, T, D*R)
+        return output, hidden
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _forward_list(self, inputs: Sequence, hx, lengths, groups):
+        """forward() for a list of per-group inputs: entry k is group k's own batch (of groups[k]
+        with ``groups``), each (T_k, B_k, C) [(B_k, T_k, C) batch_first], (T_k, C) unbatched or a
+        PackedSequence, with its own T_k and B_k. Returns what the loop ``[m(x) for m, x in
+        zip(modules, inputs)]`` returns: a list of (output_k, h_k) [(output_k, (h_k, c_k))], each
+        in the torch module's shapes and in its entry's form.
+
+        How: the entries are padded into one per-group input (G, max T, max B, C) with per-(group,
+        row) lengths (G, max B): T_k for a tensor entry's rows, the packed lengths for a packed
+        one, 0 for the rows past B_k (no sequence: output 0, state held). So every layer and
+        direction is still one grouped op call for all groups."""
+        name = type(self).__name__
+        if lengths is not None:
+            raise ValueError(f"{name}: lengths must be None for a list of per-group inputs (give "
+                             f"an entry as a PackedSequence for lengths of its own)")
+        p0 = self.weight_ih_l0
+        group_index = self._group_index(groups, p0.device)
+        G = self.num_groups if group_index is None else group_index.numel()
+        if len(inputs) != G:
+            what = f"{G} (the groups given)" if groups is not None else f"{G} (num_groups)"
+            raise ValueError(f"{name}: a list of per-group inputs needs one entry per group, "
+                             f"{what}; got {len(inputs)}")
+        entries = [self._list_entry(k, item) for k, item in enumerate(inputs)]
+        x0 = entries[0][0]
+        for k, (x_k, _, _) in enumerate(entries):
+            if x_k.dtype != x0.dtype:
+                raise ValueError(f"{name}: input[{k}] has dtype {x_k.dtype}, input[0] {x0.dtype}: "
+                                 f"the entries of a list must share one dtype")
+        T = max(x_k.shape[0] for x_k, _, _ in entries)
+        B = max(x_k.shape[1] for x_k, _, _ in entries)
+        # x (G, T, B, C): each entry zero-padded past its own steps and rows
+        x = torch.stack([nn.functional.pad(x_k, (0, 0, 0, B - x_k.shape[1], 0, T - x_k.shape[0]))
+                         for x_k, _, _ in entries])
+        lengths = torch.zeros(G, B, dtype=torch.int64)  # (G, B): 0 = a row with no sequence
+        for k, (x_k, len_k, _) in enumerate(entries):
+            lengths[k, :x_k.shape[1]] = x_k.shape[0] if len_k is None else len_k
+        h0, c0 = (None, None) if hx is None else self._check_hx_list(hx, entries, G, B, x)
+        output, h_n, c_n = self._run_layers(x, h0, c0, lengths.to(x.device), group_index, G, B)
+
+        results = []
+        for k, (x_k, len_k, form) in enumerate(entries):
+            T_k, B_k = x_k.shape[0], x_k.shape[1]
+            out_k = output[k, :T_k, :B_k]  # (T_k, B_k, D*R)
+            # fresh state tensors, as nn.LSTM's (detach_() on them must work)
+            h_k = h_n[k, :, :B_k].clone()
+            c_k = None if c_n is None else c_n[k, :, :B_k].clone()
+            if form == "packed":
+                out_k = self._pack_entry(out_k, inputs[k], len_k)
+            elif form == "unbatched":
+                out_k, h_k = out_k[:, 0], h_k[:, 0]
+                c_k = None if c_k is None else c_k[:, 0]
+            elif self.batch_first:
+                out_k = out_k.transpose(0, 1)  # (B_k, T_k, D*R)
+            results.append((out_k, h_k if c_k is None else (h_k, c_k)))
+        return results
+
+    def _list_entry(self, k: int, item):
+        """Entry k of a list input -> (x_k (T_k, B_k, C) time-major, lengths_k (B_k,) int64 on the
+        CPU for a PackedSequence else None, its form: "batched" | "unbatched" | "packed")."""
+        name = type(self).__name__
+        if isinstance(item, PackedSequence):
+            x_k, len_k = pad_packed_sequence(item)  # (T_k, B_k, C), the original row order
+            form = "packed"
+            if x_k.dim() != 3:
+                raise ValueError(f"{name}: input[{k}] must pack (T, B, C) sequences, got data of "
+                                 f"{item.data.dim()}D")
+        elif isinstance(item, Tensor):
+            if item.dim() not in (2, 3):
+                raise ValueError(
+                    f"{name}: input[{k}] must be 3-D ({'(B, T, C)' if self.batch_first else '(T, B, C)'}"
+                    f") or 2-D (unbatched (T, C)) in a list of per-group inputs, got {item.dim()}D")
+            form = "unbatched" if item.dim() == 2 else "batched"
+            x_k = item.unsqueeze(1) if form == "unbatched" else (
+                item.transpose(0, 1) if self.batch_first else item)
+            len_k = None
+        else:
+            raise TypeError(f"{name}: input[{k}] must be a Tensor or PackedSequence, got "
+                            f"{type(item).__name__}")
+        p0 = self.weight_ih_l0
+        if x_k.shape[-1] != self.input_size:
+            raise RuntimeError(f"input[{k}].size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {x_k.shape[-1]}")
+        if x_k.dtype != p0.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"RNN input dtype ({x_k.dtype}) of input[{k}] does not match weight "
+                             f"dtype ({p0.dtype}). Convert input: input.to({p0.dtype}), or convert "
+                             f"model: model.to({x_k.dtype})")
+        if x_k.device != p0.device:
+            raise RuntimeError(f"{name}: input[{k}] is on {x_k.device} but the parameters are on "
+                               f"{p0.device}")
+        if x_k.shape[0] == 0:
+            raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN (input[{k}])")
+        return x_k, len_k, form
+
+    def _check_hx_list(self, hx, entries, G: int, B: int, x: Tensor):
+        """hx for a list input: one state per group in the torch module's shapes ((h_k, c_k) for
+        the LSTM; each (L*D, B_k, width), (L*D, width) for an unbatched entry; an entry None:
+        zeros) -> (h0, c0 or None), each (G, L*D, B, width), zero past B_k."""
+        name = type(self).__name__
+        lstm = self.mode == "LSTM"
+        if not isinstance(hx, (list, tuple)) or len(hx) != G or (
+                lstm and any(isinstance(h, Tensor) for h in hx)):
+            raise ValueError(f"{name}: with a list of per-group inputs, hx must be a list of {G} "
+                             f"per-group states{' (h_k, c_k)' if lstm else ''} in the torch "
+                             f"module's shapes, or None")
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        widths = (self.proj_size or self.hidden_size, self.hidden_size)
+        padded = ([], [])
+        for k, (state, (x_k, _, form)) in enumerate(zip(hx, entries)):
+            B_k = x_k.shape[1]
+            if state is None:
+                parts = [x.new_zeros(LD, B_k, w) for w in widths[:2 if lstm else 1]]
+            else:
+                if lstm and (not isinstance(state, (tuple, list)) or len(state) != 2):
+                    raise ValueError(f"{name}: hx[{k}] must be a tuple (h_k, c_k) for an LSTM")
+                parts = list(state) if lstm else [state]
+            for i, t in enumerate(parts):
+                what = f"hx[{k}]" + (f"[{i}]" if lstm else "")
+                if not isinstance(t, Tensor):
+                    raise TypeError(f"{name}: {what} must be a Tensor, got {type(t).__name__}")
+                if state is not None and form == "unbatched":
+                    if t.dim() != 2:
+                        raise RuntimeError(f"For unbatched 2-D input[{k}], {what} should also be "
+                                           f"2-D but got {t.dim()}-D tensor")
+                    t = t.unsqueeze(1)
+                expected = (LD, B_k, widths[i])
+                if tuple(t.shape) != expected:
+                    raise RuntimeError(f"Expected {what} size {expected}, got {list(t.shape)}")
+                if t.device != x.device:
+                    raise RuntimeError(f"{what} is on {t.device} but input is on {x.device}")
+                if t.dtype != x.dtype and not torch._C._is_any_autocast_enabled():
+                    raise RuntimeError(f"{what} dtype ({t.dtype}) does not match input dtype "
+                                       f"({x.dtype})")
+                padded[i].append(nn.functional.pad(t, (0, 0, 0, B - B_k)))
+        h0 = torch.stack(padded[0])
+        return h0, (torch.stack(padded[1]) if lstm else None)
+
+    @staticmethod
+    def _pack_entry(output: Tensor, like: PackedSequence, lengths: Tensor) -> PackedSequence:
+        """Pack one group's output (T, B, D*R) with the batch order of its packed input."""
+        lengths = lengths.cpu()
+        if like.sorted_indices is not None:
+            output = output.index_select(1, like.sorted_indices.to(output.device))
+            lengths = lengths.index_select(0, like.sorted_indices.cpu())
+        packed = pack_padded_sequence(output, lengths, enforce_sorted=True)  # data (sum_len, D*R)
+        return PackedSequence(packed.data, packed.batch_sizes, like.sorted_indices,
+                              like.unsorted_indices)
+
+    def _run_layers(self, x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
+                    lengths: Optional[Tensor], group_index: Optional[Tensor], G: int, B: int):
+        """Every layer and direction, one grouped op call each. x (T, B, C) shared or (G, T, B, C)
+        per group, time-major; h0 / c0 (G, L*D, B, R / H) or None (zeros); lengths (B,) or (G, B)
+        or None. Returns output (G, T, B, D*R), h_n (G, L*D, B, R), c_n (G, L*D, B, H) or None."""
         lstm = self.mode == "LSTM"
         R = self.proj_size or self.hidden_size
 
@@ -370,7 +538,7 @@ class GroupedRNNBase(nn.Module):
                 # both biases as they are: gru keeps b_hn inside r * (W_hn h + b_hn), the other
                 # cells' op adds b_hh to b_ih (no add here, and no autograd node for one)
                 k = layer * D + d
-                if hx is None:  # zero initial states, one layer and direction's own
+                if h0 is None:  # zero initial states, one layer and direction's own
                     h0_k = x.new_zeros(G, B, R)
                     c0_k = x.new_zeros(G, B, self.hidden_size) if lstm else None
                 else:
@@ -384,22 +552,10 @@ class GroupedRNNBase(nn.Module):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_out = nn.functional.dropout(layer_out, self.dropout, training=True)
             layer_input = layer_out
-        output = layer_input
         # (G, L*D, B, R): fresh tensors, not views of the op's results (as nn.LSTM's: detach_()
         # on them, as truncated BPTT does, must work)
-        h_n = torch.stack(h_n, 1)
-        hidden = (h_n, torch.stack(c_n, 1)) if lstm else h_n
+        return layer_input, torch.stack(h_n, 1), (torch.stack(c_n, 1) if lstm else None)
 
-        if packed:
-            return self._pack_like(output, input, lengths), hidden
-        if unbatched:  # drop the batch dim of one
-            output = output.squeeze(2)
-            hidden = tuple(t.squeeze(2) for t in hidden) if lstm else hidden.squeeze(2)
-        elif self.batch_first:
-            output = output.transpose(1, 2)  # (G, B, T, D*R)
-        return output, hidden
-
-    # -- helpers -----------------------------------------------------------------------------
     def _group_index(self, groups, device) -> Optional[Tensor]:
         """groups -> a 1-D int64 index on `device`. Checked in Python for a list (no tensor, no
         sync, nothing data-dependent under torch.compile); a tensor's values are checked in eager

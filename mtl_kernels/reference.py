@@ -170,7 +170,8 @@ def recurrence_composite(cell: str, input: Tensor, weight_ih: Tensor, weight_hh:
         if weight_hr is not None:
             h_t = torch.bmm(h_t, weight_hr.transpose(1, 2))
         if lengths is not None:  # padding steps hold the state and emit zeros
-            valid = (t < lengths.to(xp.device)).to(xp.dtype)[None, :, None]  # (1, B, 1)
+            valid = (t < lengths.to(xp.device)).to(xp.dtype)  # (B,) shared or (G, B) per group
+            valid = valid[None, :, None] if valid.dim() == 1 else valid[:, :, None]
             if c_t is not None:
                 c_t = valid * c_t + (1 - valid) * c
             h_t, out_t = valid * h_t + (1 - valid) * h, valid * h_t

@@ -46,21 +46,27 @@ inline void check_dense_floating(const at::Tensor& t, const char* op, const char
               " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
 }
 
-// lengths: (B,) int64 on `device`, values in [1, T]. The values are checked where that needs no
+// lengths: (B,) or (G, B) int64 on `device`, values in [1, T] or [0, T] (below). The values are checked where that needs no
 // device synchronisation (a CPU tensor); on a GPU the Python modules check them (a sync inside
 // the op would break CUDA-graph capture), and the kernels clamp nothing: a length above T reads
 // as "every step valid", a length below 1 as "no step valid", both within bounds.
 inline at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, const char* op,
-                                  int64_t B, int64_t T, const at::Device& device) {
+                                  int64_t G, int64_t B, int64_t T, const at::Device& device) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();
   const at::Tensor& l = *lengths;
-  check_arg(l, {op, "lengths", {B}, at::kLong, device});
-  if (l.device().is_cpu() && B > 0) {
+  // (B,): one length per row, shared by the groups, in [1, T] (nn.LSTM's packed sequences);
+  // (G, B): per (group, row), in [0, T]: each group's own batch (ragged multi-task calls), rows
+  // past a group's batch holding no sequence (length 0: output 0, h_n = h0)
+  const bool per_group = l.dim() == 2;
+  check_arg(l, {op, "lengths", per_group ? std::vector<int64_t>{G, B} : std::vector<int64_t>{B},
+                at::kLong, device});
+  if (l.device().is_cpu() && l.numel() > 0) {
     const int64_t lo = l.min().item<int64_t>(), hi = l.max().item<int64_t>();
-    TORCH_CHECK(lo >= 1 && hi <= T, op, ": lengths must lie in [1, ", T, "] (the number of time steps), got values in [",
-                lo, ", ", hi, "]");
+    const int64_t least = per_group ? 0 : 1;
+    TORCH_CHECK(lo >= least && hi <= T, op, ": lengths must lie in [", least, ", ", T,
+                "] (the number of time steps), got values in [", lo, ", ", hi, "]");
   }
-  return l.contiguous();  // the kernels index lengths[b] through a raw pointer
+  return l.contiguous();  // the kernels index lengths[g * B + b] through a raw pointer
 }
 
 }  // namespace mtl_kernels

@@ -308,9 +308,10 @@ at::Tensor gates_at(const at::Tensor& gates, bool shared, int64_t t) {
   return shared ? gates.select(0, t).transpose(0, 1) : gates.select(1, t);
 }
 
-// (1, B, 1) mask of the rows whose step t is valid, in `dtype`.
+// Which rows step t is valid for, as a (1, B, 1) mask for (B,) lengths or (G, B, 1) for (G, B), in `dtype`.
 at::Tensor valid_rows(const at::Tensor& lengths, int64_t t, at::ScalarType dtype) {
-  return lengths.gt(t).to(dtype).view({1, -1, 1});
+  const at::Tensor valid = lengths.gt(t).to(dtype);
+  return lengths.dim() == 1 ? valid.view({1, -1, 1}) : valid.unsqueeze(-1);
 }
 
 // A (G, n, B, W) view of one (G, B, W) buffer with a zero stride over n: the per-step kernels of
@@ -440,7 +441,7 @@ ForwardInputs check_forward(const char* op, const ForwardArgs& a) {
   } else {
     TORCH_CHECK(!f.c0.defined(), op, ": this cell has no cell state, c0 must be None");
   }
-  f.lengths = checked_lengths(a.lengths, op, B, f.s.T, device);
+  f.lengths = checked_lengths(a.lengths, op, G, B, f.s.T, device);
   if (f.bias.defined()) f.bias = f.bias.contiguous();
   if (f.bias_hh.defined()) f.bias_hh = f.bias_hh.contiguous();
   f.input = a.input.contiguous();
@@ -713,7 +714,7 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   if constexpr (Cell::kAux) {
     check_arg(a.aux, {op, Cell::kCellState ? "c_states" : "aux_states", {G, T + 1, B, H}, acc, device});
   }
-  const at::Tensor lengths = checked_lengths(a.lengths, op, B, T, device);
+  const at::Tensor lengths = checked_lengths(a.lengths, op, G, B, T, device);
 
   // The kernels index all of these through raw pointers and the strides of the shapes above.
   const at::Tensor input = a.input.contiguous();

@@ -34,6 +34,7 @@ SequenceForward<scalar_t, acc_t> raw_forward(const ForwardSequence& s) {
   q.out_sg = s.output.stride(0);
   q.out_st = s.output.stride(1);
   q.lengths = ptr_or_null<int64_t>(s.lengths);
+  q.lengths_sg = s.lengths.defined() && s.lengths.dim() == 2 ? s.lengths.stride(0) : 0;
   q.T = s.T;
   q.G = s.G;
   q.B = s.B;
@@ -69,6 +70,7 @@ SequenceBackward<scalar_t, acc_t> raw_backward(const BackwardSequence& s) {
   q.grad_h0 = s.grad_h0.data_ptr<scalar_t>();
   q.grad_c0 = ptr_or_null<acc_t>(s.grad_c0);
   q.lengths = ptr_or_null<int64_t>(s.lengths);
+  q.lengths_sg = s.lengths.defined() && s.lengths.dim() == 2 ? s.lengths.stride(0) : 0;
   q.T = s.T;
   q.G = s.G;
   q.B = s.B;

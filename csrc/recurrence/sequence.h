@@ -19,8 +19,10 @@
 //   aux      (G, nslot, B, H) acc_t, cells with kAux: the value the cell saves at a step's next
 //            slot (the LSTM's c, with c0 in the first slot)
 //   output   (G, T, B, H)
-//   lengths  (B,) or nullptr: steps t >= lengths[b] are padding (state held, output 0); an
-//            inference forward runs the sequence in chunks, its local step t being time t0 + t
+//   lengths  (B,) shared by the groups, or (G, B) per (group, row) (lengths_sg = B; a row may
+//            hold no sequence: length 0), or nullptr: steps t >= the row's length are padding
+//            (state held, output 0); an inference forward runs the sequence in chunks, its local
+//            step t being time t0 + t
 #pragma once
 
 #include <cstdint>
@@ -53,6 +55,7 @@ struct SequenceForward {
   scalar_t* output;
   int64_t out_sg, out_st;
   const int64_t* lengths;
+  int64_t lengths_sg;  // 0: (B,) lengths shared by the groups; B: (G, B)
   int64_t T, G, B, H;
   int64_t nslot;      // slots of h_states: T + 1, or 2 (inference)
   int64_t aux_nslot;  // slots of aux: the same, except on the projected LSTM's path
@@ -88,12 +91,14 @@ struct SequenceBackward {
   scalar_t* grad_h0;         // (G, B, H) contiguous, out
   acc_t* grad_c0;            // (G, B, H) contiguous, out, cell-state cells
   const int64_t* lengths;
+  int64_t lengths_sg;  // as SequenceForward's
   int64_t T, G, B, H;
   bool reverse;
 };
 
-MTL_HD bool is_valid_step(const int64_t* lengths, int64_t t, int64_t b) {
-  return lengths == nullptr || t < lengths[b];
+MTL_HD bool is_valid_step(const int64_t* lengths, int64_t lengths_sg, int64_t t, int64_t g,
+                          int64_t b) {
+  return lengths == nullptr || t < lengths[g * lengths_sg + b];
 }
 
 // The rows of one (group g, batch row b) at step t.
@@ -125,7 +130,7 @@ MTL_HD ForwardRow<scalar_t, acc_t> forward_row(const SequenceForward<scalar_t, a
   r.aux_prev = q.aux ? q.aux + g * q.aux_sg + ap * q.aux_sslot + b * H : nullptr;
   r.aux_next = q.aux ? q.aux + g * q.aux_sg + an * q.aux_sslot + b * H : nullptr;
   r.out = q.output + g * q.out_sg + t * q.out_st + b * H;
-  r.valid = is_valid_step(q.lengths, q.t0 + t, b);
+  r.valid = is_valid_step(q.lengths, q.lengths_sg, q.t0 + t, g, b);
   return r;
 }
 
@@ -154,7 +159,7 @@ MTL_HD BackwardRow<scalar_t, acc_t> backward_row(const SequenceBackward<scalar_t
   r.aux_prev = q.aux ? q.aux + g * q.aux_sg + p * q.aux_sslot + b * H : nullptr;
   r.aux_next = q.aux ? q.aux + g * q.aux_sg + n * q.aux_sslot + b * H : nullptr;
   r.grad_out = q.grad_output + g * q.gout_sg + t * q.gout_st + b * H;
-  r.valid = is_valid_step(q.lengths, t, b);
+  r.valid = is_valid_step(q.lengths, q.lengths_sg, t, g, b);
   return r;
 }
 
