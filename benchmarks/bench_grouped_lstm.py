@@ -59,6 +59,11 @@ CONFIGS = {
     "wide": (4, 128, 256, 512, 512, "shared"),
 }
 
+# Ragged multi-task batches (issue 28): every task its own (T_k, B_k), batch_first, C, H; against an
+# equal-shape call of about the same work (three tasks of T = 35, B = 43: 4,515 row-steps against
+# the ragged 4,480), to show whether the time follows the real rows and steps.
+RAGGED = {"ragged": dict(tasks=((50, 64), (30, 32), (20, 16)), C=64, H=128, equal=(35, 43))}
+
 
 CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
@@ -171,6 +176,69 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
         row[label]["fma_ms"] = t_fma * 1e3 if t_fma is not None else None
         row[label]["untiled_ms"] = medians["untiled"] * 1e3 if "untiled" in medians else None
     return row
+
+
+def bench_ragged(name, device, dtype, warmup, repeats, min_time, cell="lstm"):
+    """A list of per-task batches (x_k (B_k, T_k, C), batch_first), the last step of each task's
+    output feeding a loss: the loop of torch modules, the grouped list call, and the grouped call on
+    equal shapes of about the same work; fwd (no grad) and fwd+bwd (the weights' gradients)."""
+    cfg = RAGGED[name]
+    tasks, C, H = cfg["tasks"], cfg["C"], cfg["H"]
+    G = len(tasks)
+    T_eq, B_eq = cfg["equal"]
+    torch.manual_seed(0)
+    loop_modules = nn.ModuleList([torch_module(cell, C, H) for _ in range(G)]).to(device, dtype)
+    for m in loop_modules:
+        m.batch_first = True
+    grouped = GroupedRNNBase.from_modules(loop_modules)  # batch_first, as the modules
+    xs = [torch.randn(B, T, C, device=device, dtype=dtype) for T, B in tasks]  # x_k (B_k, T_k, C)
+    x_eq = torch.randn(G, B_eq, T_eq, C, device=device, dtype=dtype)  # (G, B, T, C)
+    w_loss = torch.randn(H, device=device, dtype=dtype)  # loss_k = sum(out_k[:, -1] @ w_loss)
+
+    def loop_fwd():
+        return [m(x)[0][:, -1] for m, x in zip(loop_modules, xs)]
+
+    def grouped_fwd():
+        return [out[:, -1] for out, _ in grouped(xs)]
+
+    def equal_fwd():
+        return list(grouped(x_eq)[0][:, :, -1].unbind(0))
+
+    def fwd_bwd(fwd):
+        def run():
+            sum((last @ w_loss).sum() for last in fwd()).backward()
+        return run
+
+    with torch.no_grad():  # the list call is the loop's answer
+        for a, b in zip(grouped_fwd(), loop_fwd()):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    row = {"config": name, "cell": cell, "tasks": [list(t) for t in tasks], "C": C, "H": H,
+           "equal": [T_eq, B_eq], "row_steps": sum(T * B for T, B in tasks),
+           "equal_row_steps": G * T_eq * B_eq}
+    for label, fns in (("fwd", (loop_fwd, grouped_fwd, equal_fwd)),
+                       ("fwd+bwd", tuple(fwd_bwd(f) for f in (loop_fwd, grouped_fwd, equal_fwd)))):
+        ctx = torch.no_grad() if label == "fwd" else torch.enable_grad()
+        with ctx:
+            t_loop, t_grouped, t_equal = interleaved_medians(list(fns), device, warmup, repeats, min_time)
+        per_real = (t_grouped / row["row_steps"]) / (t_equal / row["equal_row_steps"])
+        row[label] = {"loop_ms": t_loop * 1e3, "grouped_ms": t_grouped * 1e3, "equal_ms": t_equal * 1e3,
+                      "speedup_vs_loop": t_loop / t_grouped, "per_row_step_vs_equal": per_real}
+    return row
+
+
+def print_ragged_row(r):
+    tasks = " ".join(f"{T}x{B}" for T, B in r["tasks"])
+    print(f"\n# ragged multi-task batches: tasks (T_k x B_k) {tasks}, C={r['C']}, H={r['H']}, batch_first, "
+          f"{r['row_steps']} real row-steps; equal = the grouped call on {len(r['tasks'])} tasks of "
+          f"{r['equal'][0]}x{r['equal'][1]} ({r['equal_row_steps']} row-steps); per-row-step = (grouped / "
+          f"its row-steps) / (equal / its row-steps), 1.00 = time follows the real work")
+    hdr = f"{'pass':<8}{'loop':>9}{'grouped':>9}{'equal':>9}{'speedup':>9}{'per-row-step':>14}"
+    print(hdr)
+    print("-" * len(hdr))
+    for label in ("fwd", "fwd+bwd"):
+        d = r[label]
+        print(f"{label:<8}{d['loop_ms']:>9.3f}{d['grouped_ms']:>9.3f}{d['equal_ms']:>9.3f}"
+              f"{d['speedup_vs_loop']:>8.2f}x{d['per_row_step_vs_equal']:>13.2f}x", flush=True)
 
 
 def copy_bandwidth(device):
@@ -327,11 +395,13 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = args.tf32
         torch.backends.cudnn.allow_tf32 = args.tf32
     if args.configs is None:
-        args.configs = ",".join(c for c in CONFIGS if device.type == "cuda" or c != "wide")
+        args.configs = ",".join([c for c in CONFIGS if device.type == "cuda" or c != "wide"] + list(RAGGED))
     names = [c for c in args.configs.split(",") if c]
     for n in names:
-        if n not in CONFIGS:
-            sys.exit(f"unknown config {n!r}; choose from {', '.join(CONFIGS)}")
+        if n not in CONFIGS and n not in RAGGED:
+            sys.exit(f"unknown config {n!r}; choose from {', '.join(list(CONFIGS) + list(RAGGED))}")
+    ragged_names = [n for n in names if n in RAGGED]
+    names = [n for n in names if n in CONFIGS]
 
     env = describe(device)
     env.update({"cell": args.cell, "dtype": args.dtype,
@@ -376,8 +446,14 @@ def main():
               f"{fb['loop_ms']:>9.3f}{fb['grouped_ms']:>9.3f}{fb['batched_ms']:>9.3f}"
               f"{fb['speedup_vs_loop']:>7.2f}x{fb['grouped_over_batched']:>6.2f}{step_cols(fb)}", flush=True)
         write_json(False)
-    if cuda and args.grouped_path != "per_step":
+    if cuda and args.grouped_path != "per_step" and names:
         env["floor"] = print_floor_table(rows, device, dtype, args)
+    for n in ragged_names:  # its own table: per-task shapes do not fit the columns above
+        with mtl_kernels.recurrence_path(args.grouped_path):
+            r = bench_ragged(n, device, dtype, args.warmup, args.repeats, args.min_time, args.cell)
+        rows.append(r)
+        print_ragged_row(r)
+        write_json(False)
     write_json(True)
 
 

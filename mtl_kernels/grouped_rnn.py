@@ -404,7 +404,7 @@ class GroupedRNNBase(nn.Module):
         lengths = torch.zeros(G, B, dtype=torch.int64)  # (G, B): 0 = a row with no sequence
         for k, (x_k, len_k, _) in enumerate(entries):
             lengths[k, :x_k.shape[1]] = x_k.shape[0] if len_k is None else len_k
-        h0, c0 = (None, None) if hx is None else self._check_hx_list(hx, entries, G, B, x)
+        h0, c0 = (None, None) if hx is None else self._check_hx_list(hx, entries, G, B, x, inputs)
         output, h_n, c_n = self._run_layers(x, h0, c0, lengths.to(x.device), group_index, G, B)
 
         results = []
@@ -416,6 +416,10 @@ class GroupedRNNBase(nn.Module):
             c_k = None if c_n is None else c_n[k, :, :B_k].clone()
             if form == "packed":
                 out_k = self._pack_entry(out_k, inputs[k], len_k)
+                unsort = inputs[k].unsorted_indices
+                if unsort is not None:  # states in the original row order, as nn.LSTM's
+                    h_k = h_k.index_select(1, unsort.to(h_k.device))
+                    c_k = None if c_k is None else c_k.index_select(1, unsort.to(c_k.device))
             elif form == "unbatched":
                 out_k, h_k = out_k[:, 0], h_k[:, 0]
                 c_k = None if c_k is None else c_k[:, 0]
@@ -426,11 +430,16 @@ class GroupedRNNBase(nn.Module):
 
     def _list_entry(self, k: int, item):
         """Entry k of a list input -> (x_k (T_k, B_k, C) time-major, lengths_k (B_k,) int64 on the
-        CPU for a PackedSequence else None, its form: "batched" | "unbatched" | "packed")."""
+        CPU for a PackedSequence else None, its form: "batched" | "unbatched" | "packed"). A packed
+        entry's rows come in its sorted order (longest first), not the original one."""
         name = type(self).__name__
         if isinstance(item, PackedSequence):
             x_k, len_k = pad_packed_sequence(item)  # (T_k, B_k, C), the original row order
             form = "packed"
+            if item.sorted_indices is not None:  # rows longest first, as packed: the kernels
+                # skip a group's trailing rows once their sequences ended
+                x_k = x_k.index_select(1, item.sorted_indices.to(x_k.device))
+                len_k = len_k.index_select(0, item.sorted_indices.cpu())
             if x_k.dim() != 3:
                 raise ValueError(f"{name}: input[{k}] must pack (T, B, C) sequences, got data of "
                                  f"{item.data.dim()}D")
@@ -461,10 +470,11 @@ class GroupedRNNBase(nn.Module):
             raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN (input[{k}])")
         return x_k, len_k, form
 
-    def _check_hx_list(self, hx, entries, G: int, B: int, x: Tensor):
+    def _check_hx_list(self, hx, entries, G: int, B: int, x: Tensor, inputs):
         """hx for a list input: one state per group in the torch module's shapes ((h_k, c_k) for
         the LSTM; each (L*D, B_k, width), (L*D, width) for an unbatched entry; an entry None:
-        zeros) -> (h0, c0 or None), each (G, L*D, B, width), zero past B_k."""
+        zeros) -> (h0, c0 or None), each (G, L*D, B, width), zero past B_k; a packed entry's rows
+        in its sorted order (``inputs[k].sorted_indices``), as _list_entry lays them out."""
         name = type(self).__name__
         lstm = self.mode == "LSTM"
         if not isinstance(hx, (list, tuple)) or len(hx) != G or (
@@ -477,6 +487,7 @@ class GroupedRNNBase(nn.Module):
         padded = ([], [])
         for k, (state, (x_k, _, form)) in enumerate(zip(hx, entries)):
             B_k = x_k.shape[1]
+            order = getattr(inputs[k], "sorted_indices", None)  # packed entries only
             if state is None:
                 parts = [x.new_zeros(LD, B_k, w) for w in widths[:2 if lstm else 1]]
             else:
@@ -500,18 +511,17 @@ class GroupedRNNBase(nn.Module):
                 if t.dtype != x.dtype and not torch._C._is_any_autocast_enabled():
                     raise RuntimeError(f"{what} dtype ({t.dtype}) does not match input dtype "
                                        f"({x.dtype})")
+                if order is not None:
+                    t = t.index_select(1, order.to(t.device))
                 padded[i].append(nn.functional.pad(t, (0, 0, 0, B - B_k)))
         h0 = torch.stack(padded[0])
         return h0, (torch.stack(padded[1]) if lstm else None)
 
     @staticmethod
     def _pack_entry(output: Tensor, like: PackedSequence, lengths: Tensor) -> PackedSequence:
-        """Pack one group's output (T, B, D*R) with the batch order of its packed input."""
-        lengths = lengths.cpu()
-        if like.sorted_indices is not None:
-            output = output.index_select(1, like.sorted_indices.to(output.device))
-            lengths = lengths.index_select(0, like.sorted_indices.cpu())
-        packed = pack_padded_sequence(output, lengths, enforce_sorted=True)  # data (sum_len, D*R)
+        """Pack one group's output (T, B, D*R), its rows already in the sorted order of its packed
+        input (_list_entry), with that input's batch order."""
+        packed = pack_padded_sequence(output, lengths.cpu(), enforce_sorted=True)  # data (sum_len, D*R)
         return PackedSequence(packed.data, packed.batch_sizes, like.sorted_indices,
                               like.unsorted_indices)
 

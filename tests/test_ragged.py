@@ -255,6 +255,8 @@ def _per_group_lengths(G, B, T, seed=0):
     g = torch.Generator().manual_seed(seed)
     L = torch.randint(0, T + 1, (G, B), generator=g)
     L[0, 0], L[-1, -1] = 0, T  # a row with no sequence, and one of the full length
+    if G > 2:  # a group whose rows all end by T // 2 (its gradient GEMMs stop there)
+        L[1] = L[1].clamp(max=T // 2)
     return L
 
 
@@ -297,6 +299,7 @@ def test_opcheck_with_per_group_lengths(cell):
     G, T, B, C, H = 2, 4, 3, 2, 3
     args = list(recurrence_args(cell, G, T, B, C, H, shared=False))
     args[-1] = _per_group_lengths(G, B, T, seed=1)
+    args[-1][0] = 0  # a group with no sequence at all
     torch.library.opcheck(ops.grouped_recurrence_forward, (cell, *args, False))
     torch.library.opcheck(ops.grouped_recurrence, (cell, *args, True))
     fwd = ops.grouped_recurrence_forward(cell, *args, False)
@@ -389,3 +392,60 @@ def test_interleaver_batches_of_per_task_sizes_feed_one_call():
         assert [x.shape[0] for x in xs] == [4, 3, 1]
         got = model(xs)
         assert_all_close(got, [ref(x, task=k) for k, x in enumerate(xs)], **TOL)
+
+
+# ---- the CUDA kernels' per-(group, row) lengths, through their CPU emulators ---------------------
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("shared", [True, False])
+def test_emulated_persistent_kernels_take_per_group_lengths(cell, reverse, shared):
+    """The persistent FMA kernel's and the tensor-core kernel's tilings (every block and thread of
+    the plan, run on the CPU by the emulators) with lengths (G, B), rows of length 0 included,
+    against the per-step op, forward and backward, fp64."""
+    G, T, B, C, H = 3, 5, 7, 4, 6
+    args = list(recurrence_args(cell, G, T, B, C, H, shared=shared))
+    args[-1] = _per_group_lengths(G, B, T, seed=2)
+    grads = recurrence_grads(cell, G, T, B, H)
+    ref = ops.grouped_recurrence_forward(cell, *args, reverse)
+    ref_b = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, ref, reverse))
+    emu = ops._grouped_recurrence_forward_emulated(cell, *args, reverse, 4, 3, 2)
+    assert_all_close(emu, ref, **TOL)
+    emu_b = ops._grouped_recurrence_backward_emulated(
+        cell, *backward_args(cell, grads, args, emu, reverse), 4, 3, 2, 5)
+    assert_all_close(emu_b, ref_b, **TOL)
+    for mma_k in (8, 16):  # the tensor-core kernel's fragments, fp64 (units, tile_rows, reg, k)
+        emu = ops._grouped_recurrence_forward_emulated_mma(cell, *args, reverse, 6, 7, -1, mma_k)
+        assert_all_close(emu, ref, **TOL)
+        emu_b = ops._grouped_recurrence_backward_emulated_mma(
+            cell, *backward_args(cell, grads, args, emu, reverse), 6, 7, -1, mma_k, 0)
+        assert_all_close(emu_b, ref_b, **TOL)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cpu_sequence_path_skips_padding_rows_exactly(cell, reverse):
+    """fp32, sizes where the CPU sequence path splits the rows by work over threads and (with the
+    fp32 tiles) projects the input in the kernel: its trailing padding rows skipped per step, the
+    weight-gradient GEMMs cut at each group's longest row, against the per-step path, which skips
+    nothing, and a list call's layout (rows past B_k of length 0; a group of no rows at all)."""
+    G, T, B, C, H = 4, 20, 9, 16, 64
+    args = list(recurrence_args(cell, G, T, B, C, H, dtype=torch.float32, shared=False))
+    L = torch.zeros(G, B, dtype=torch.long)
+    L[0, :9], L[1, :4], L[2, :2] = T, 7, 1  # tasks of (T_k, B_k) = (20, 9), (7, 4), (1, 2)
+    L[3, :0] = 0  # and one with no rows
+    args[-1] = L
+    grads = recurrence_grads(cell, G, T, B, H, dtype=torch.float32)
+    results = {}
+    with torch.autograd.grad_mode.no_grad():
+        for path in ("sequence", "per_step"):
+            with mtl_kernels.recurrence_path(path):
+                fwd = ops.grouped_recurrence_forward(cell, *args, reverse)
+                bwd = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, fwd, reverse))
+                inference = ops.grouped_recurrence(cell, *args, reverse)
+            results[path] = (fwd, bwd, inference)
+    seq, step = results["sequence"], results["per_step"]
+    assert_all_close(seq[0][:3], step[0][:3], rtol=1e-5, atol=1e-5)
+    assert_all_close([t for t in seq[1] if t.numel()], [t for t in step[1] if t.numel()],
+                     rtol=1e-4, atol=1e-4)
+    assert_all_close(seq[2][:2], step[2][:2], rtol=1e-5, atol=1e-5)
+    assert not seq[0][0][1, 7:].any() and not seq[0][0][1, :, 4:].any()  # padding outputs 0

@@ -206,6 +206,36 @@ int64_t sequence_row_grain(int64_t T, int64_t KH, int64_t depth) {
   return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(1, T * KH * depth));
 }
 
+// at::parallel_for(0, G * B, grain, f) over the flattened (G, B) rows, except for per-(group, row)
+// lengths (a ragged call): there a row's work is its number of valid steps among [t0, t0 + T), and
+// the rows are cut into one contiguous range per thread of about equal work, not of equal count
+// (a task of long rows beside one of short rows or padding would leave a thread idle).
+template <typename Q, typename F>
+void parallel_over_rows(const Q& q, int64_t t0, int64_t grain, const F& f) {
+  const int64_t rows = q.G * q.B;
+  const int64_t chunks = std::min<int64_t>(at::get_num_threads(), rows / std::max<int64_t>(1, grain));
+  if (q.lengths == nullptr || q.lengths_sg == 0 || chunks <= 1 || at::in_parallel_region())
+    return at::parallel_for(0, rows, grain, f);
+  const auto work = [&](int64_t rw) {
+    const int64_t n = q.lengths[(rw / q.B) * q.lengths_sg + rw % q.B] - t0;
+    return std::clamp<int64_t>(n, 0, q.T);
+  };
+  int64_t total = 0;
+  for (int64_t rw = 0; rw < rows; ++rw) total += work(rw);
+  std::vector<int64_t> bounds{0};  // range c: rows [bounds[c], bounds[c + 1])
+  int64_t done = 0;
+  for (int64_t rw = 0; rw < rows && int64_t(bounds.size()) < chunks; ++rw) {
+    done += work(rw);
+    if (done * chunks >= total * int64_t(bounds.size())) bounds.push_back(rw + 1);
+  }
+  bounds.push_back(rows);
+  const int64_t n = int64_t(bounds.size()) - 1;
+  at::parallel_for(0, n, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      if (bounds[c] < bounds[c + 1]) f(bounds[c], bounds[c + 1]);
+  });
+}
+
 // Calls f(g, r0, r1) for each group's part [r0, r1) of the flattened (G, B) rows [begin, end).
 template <typename F>
 void for_group_rows(int64_t begin, int64_t end, int64_t B, const F& f) {
@@ -214,6 +244,18 @@ void for_group_rows(int64_t begin, int64_t end, int64_t B, const F& f) {
     f(g, r, r1);
     r = r1;
   }
+}
+
+// The end of group g's rows [r0, r1) (flattened (G, B) rows) whose products step `time` needs:
+// trailing rows for which the step is padding (time >= the row's length) are dropped, since a held
+// row reads only its h_{t-1} (forward) and its drec is 0 (backward). Rows of a ragged list call
+// are laid out so that what is dropped is the padding: rows past a task's B_k have length 0, and a
+// packed entry's rows come longest first.
+template <typename Q>
+int64_t product_rows_end(const Q& q, int64_t time, int64_t g, int64_t r0, int64_t r1) {
+  if (q.lengths == nullptr) return r1;
+  while (r1 > r0 && !is_valid_step(q.lengths, q.lengths_sg, time, g, r1 - 1 - g * q.B)) --r1;
+  return r1;
 }
 
 // Each group's W_hh (G, KH, H) packed once per call for cpu_tiles (fp32, AVX2): as the forward's
@@ -347,20 +389,21 @@ bool forward_sequence_cpu(const ForwardSequence& s) {
     scalar_t* hp = hproj.data_ptr<scalar_t>();
     // a row's work per step: its W_hh product, and its input projection where the kernel runs it
     const int64_t depth = H + (project.on() ? project.depth() : 0);
-    at::parallel_for(0, G * B, sequence_row_grain(T, KH, depth), [&](int64_t begin, int64_t end) {
+    parallel_over_rows(q, q.t0, sequence_row_grain(T, KH, depth), [&](int64_t begin, int64_t end) {
       auto scratch = product.scratch();
       auto project_scratch = project.scratch();
       for (int64_t step = 0; step < T; ++step) {
         const int64_t t = forward_time(step, T, s.reverse);
         const int64_t prev = state_slot(q, prev_slot(t, s.reverse));
         for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
-          if (project.on()) {  // this step's gates rows = x_t rows @ W_ih[g]^T
+          const int64_t rp = product_rows_end(q, q.t0 + t, g, r0, r1);  // rows [rp, r1): padding
+          if (project.on() && rp > r0) {  // this step's gates rows = x_t rows @ W_ih[g]^T
             scalar_t* gate_rows = q.gates + g * q.gates_sg + t * q.gates_st + (r0 - g * B) * q.gates_sb;
-            project(g, r0, r1, B, q.t0 + t, gate_rows, q.gates_sb, project_scratch);
+            project(g, r0, rp, B, q.t0 + t, gate_rows, q.gates_sb, project_scratch);
           }
           // hproj rows = h_{t-1} rows @ W_hh[g]^T
           const scalar_t* h_rows = q.h_states + g * q.h_sg + prev * q.h_sslot + (r0 - g * B) * H;
-          product(g, h_rows, r1 - r0, H, hp + r0 * KH, KH, /*accumulate=*/false, scratch);
+          if (rp > r0) product(g, h_rows, rp - r0, H, hp + r0 * KH, KH, /*accumulate=*/false, scratch);
           forward_rows<Cell>(q, hp, t, r0, r1);  // while this group's hproj rows are in L2
         });
       }
@@ -373,12 +416,12 @@ template <class Cell>
 bool backward_sequence_cpu(const BackwardSequence& s) {
   MTL_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "grouped_rnn_backward_sequence_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const int64_t G = s.G, T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
+    const int64_t T = s.T, B = s.B, H = s.H, KH = Cell::kGates * H;
     const RecurrentProduct<scalar_t> product(s.weight_hh, /*transposed=*/false);  // W_hh[g]
     at::Tensor dh_a = s.grad_h_n.clone(), dh_b = at::empty_like(dh_a);  // dh in / out, (G, B, H)
     at::Tensor dc = Cell::kCellState ? s.grad_c_n.clone() : at::Tensor();  // (G, B, H) acc_t
     const auto q = raw_backward<scalar_t>(s);
-    at::parallel_for(0, G * B, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
+    parallel_over_rows(q, 0, sequence_row_grain(T, KH, H), [&](int64_t begin, int64_t end) {
       auto scratch = product.scratch();
       // each thread swaps its own rows' roles of the two dh buffers
       scalar_t* dh_in = dh_a.data_ptr<scalar_t>();
@@ -388,11 +431,14 @@ bool backward_sequence_cpu(const BackwardSequence& s) {
         const int64_t t = backward_time(step, T, s.reverse);
         for_group_rows(begin, end, B, [&](int64_t g, int64_t r0, int64_t r1) {
           backward_rows<Cell>(q, dh_in, dh_out, dcp, t, r0, r1);  // drec_t, dc, dh_out = pass
-          // dh_out rows += drec_t rows @ W_hh[g], while this group's drec_t rows are in L2
+          // dh_out rows += drec_t rows @ W_hh[g], while this group's drec_t rows are in L2 (rows
+          // [rp, r1) are padding: drec 0, dh_out = pass already)
+          const int64_t rp = product_rows_end(q, t, g, r0, r1);
           const scalar_t* drec_rows =
               q.drec + g * q.gates_sg + t * q.gates_st + (r0 - g * B) * q.gates_sb;
-          product(g, drec_rows, r1 - r0, q.gates_sb, dh_out + r0 * H, H, /*accumulate=*/true,
-                  scratch);
+          if (rp > r0)
+            product(g, drec_rows, rp - r0, q.gates_sb, dh_out + r0 * H, H, /*accumulate=*/true,
+                    scratch);
         });
         std::swap(dh_in, dh_out);
       }

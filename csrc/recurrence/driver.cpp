@@ -806,17 +806,41 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   const at::Tensor dg = per_group(dgates), dr = per_group(drec);
   // h_{t-1} for every step t, (G, T*B, R): slots 0..T-1 forward, 1..T reverse
   const at::Tensor h_prev = h_states.narrow(1, a.reverse ? 1 : 0, T).reshape({G, T * B, R});
-  at::Tensor grad_w_hh = at::bmm(dr.transpose(1, 2), h_prev);  // (G, KH, R)
-  at::Tensor grad_bias = dg.sum(1);                            // (G, KH)
+  at::Tensor grad_bias = dg.sum(1);  // (G, KH)
   at::Tensor grad_bias_hh = Cell::kRecBias ? dr.sum(1) : at::empty({0}, opts);
-  at::Tensor grad_w_ih, grad_input = at::empty({0}, opts);
-  if (s.shared) {
+  at::Tensor grad_w_hh, grad_w_ih, grad_input = at::empty({0}, opts);
+  if (!s.shared && lengths.defined() && lengths.dim() == 2 && lengths.is_cpu()) {
+    // A ragged call (per-(group, row) lengths, per-group input): group g's steps from its longest
+    // row's length on are padding for all of its rows (dgates, drec 0 there), in either direction,
+    // so its GEMMs run over its first T_g steps alone (T_g * B of the T * B rows), one group at a
+    // time. (On a GPU reading the lengths would synchronise: the batched GEMMs below run there.)
+    const auto steps = lengths.amax(1).contiguous();  // (G,)
+    const int64_t* longest = steps.data_ptr<int64_t>();
+    grad_w_hh = at::zeros({G, KH, R}, dr.options());
+    grad_w_ih = at::zeros({G, KH, C}, dg.options());
+    if (a.input_grad) grad_input = at::zeros({G, T, B, C}, dg.options());
+    const at::Tensor x = input.view({G, T * B, C});
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t n = longest[g] * B;
+      if (n == 0) continue;
+      const at::Tensor dg_g = dg.select(0, g).narrow(0, 0, n), dr_g = dr.select(0, g).narrow(0, 0, n);
+      at::Tensor w_hh_g = grad_w_hh.select(0, g), w_ih_g = grad_w_ih.select(0, g);
+      at::mm_out(w_hh_g, dr_g.t(), h_prev.select(0, g).narrow(0, 0, n));
+      at::mm_out(w_ih_g, dg_g.t(), x.select(0, g).narrow(0, 0, n));
+      if (a.input_grad) {
+        at::Tensor gi = grad_input.select(0, g).view({T * B, C}).narrow(0, 0, n);
+        at::mm_out(gi, dg_g, weight_ih.select(0, g));
+      }
+    }
+  } else if (s.shared) {
+    grad_w_hh = at::bmm(dr.transpose(1, 2), h_prev);  // (G, KH, R)
     const at::Tensor dg2 = dgates.view({T * B, G * KH});
     grad_w_ih = at::mm(dg2.t(), input.view({T * B, C})).view({G, KH, C});
     if (a.input_grad) {
       grad_input = at::mm(dg2, weight_ih.view({G * KH, C})).view({T, B, C});  // sums over groups
     }
   } else {
+    grad_w_hh = at::bmm(dr.transpose(1, 2), h_prev);                     // (G, KH, R)
     grad_w_ih = at::bmm(dg.transpose(1, 2), input.view({G, T * B, C}));  // (G, KH, C)
     if (a.input_grad) grad_input = at::bmm(dg, weight_ih).view({G, T, B, C});
   }
