@@ -33,7 +33,10 @@ persistent kernel does not.
   python benchmarks/bench_grouped_lstm.py [--cell lstm|gru|rnn_tanh|rnn_relu] [--device cpu|cuda]
                                           [--dtype float32|bfloat16|float16] [--configs a,b]
                                           [--grouped-path auto|sequence|per_step] [--tf32]
-                                          [--json FILE]
+                                          [--input-grad] [--json FILE]
+
+--input-grad makes the inputs require grad, so that fwd+bwd also computes the input gradient: the
+case of every layer above the first, and of a model whose embedding is trained.
 """
 import argparse
 import json
@@ -100,19 +103,22 @@ def untiled_column(device, dtype):
     return device.type == "cpu" and dtype == torch.float32 and _C._cpu_tiles_supported()
 
 
-def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="auto", cell="lstm"):
+def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="auto", cell="lstm",
+                 input_grad=False):
+    """input_grad: the inputs require grad, so fwd+bwd also computes the input gradient (a layer
+    above the first, or a model whose embedding is trained)."""
     G, B, T, C, H, kind = CONFIGS[name]
     torch.manual_seed(0)
     loop_modules = nn.ModuleList([torch_module(cell, C, H) for _ in range(G)]).to(device, dtype)
     grouped = GroupedRNNBase.from_modules(loop_modules)
     batched = torch_module(cell, C, H).to(device, dtype)
     if kind == "shared":
-        x = torch.randn(T, B, C, device=device, dtype=dtype)
+        x = torch.randn(T, B, C, device=device, dtype=dtype).requires_grad_(input_grad)
         x_loop = [x] * G
     else:
-        x = torch.randn(G, T, B, C, device=device, dtype=dtype)
-        x_loop = list(x.unbind(0))
-    x_batched = torch.randn(T, G * B, C, device=device, dtype=dtype)
+        x = torch.randn(G, T, B, C, device=device, dtype=dtype).requires_grad_(input_grad)
+        x_loop = list(x.unbind(0))  # views of x: the loop's input gradients reach x.grad too
+    x_batched = torch.randn(T, G * B, C, device=device, dtype=dtype).requires_grad_(input_grad)
     grad_loop = [torch.randn(T, B, H, device=device, dtype=dtype) for _ in range(G)]
     grad_grouped = torch.stack(grad_loop)
     grad_batched = torch.randn(T, G * B, H, device=device, dtype=dtype)
@@ -135,7 +141,8 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
     def batched_fwd_bwd():
         batched_fwd().backward(grad_batched)
 
-    row = {"config": name, "cell": cell, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind}
+    row = {"config": name, "cell": cell, "G": G, "B": B, "T": T, "C": C, "H": H, "input": kind,
+           "input_grad": input_grad}
     with mtl_kernels.recurrence_path(grouped_path):
         row["path"] = ran_path(grouped_fwd_bwd, device)
     # the FMA variant's own column (the sequence path, tensor cores off), where the tensor-core
@@ -387,6 +394,8 @@ def main():
     ap.add_argument("--grouped-path", default="auto", choices=["auto", "sequence", "per_step"],
                     help="the path of the 'grouped' column (auto: the default users get; sequence: the "
                          "whole-sequence kernels wherever they run; per_step: skip them)")
+    ap.add_argument("--input-grad", action="store_true",
+                    help="the inputs require grad: fwd+bwd also computes the input gradient")
     ap.add_argument("--json", help="write the results to this file")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -405,7 +414,8 @@ def main():
 
     env = describe(device)
     env.update({"cell": args.cell, "dtype": args.dtype,
-                "tf32": bool(args.tf32) if device.type == "cuda" else None, "grouped_path": args.grouped_path})
+                "tf32": bool(args.tf32) if device.type == "cuda" else None, "grouped_path": args.grouped_path,
+                "input_grad": args.input_grad})
     grouped_name = type(GroupedRNNBase.from_modules([torch_module(args.cell, 1, 1)])).__name__
     torch_name = type(torch_module(args.cell, 1, 1)).__name__
     print(f"# {grouped_name} benchmark: {env}")
@@ -437,7 +447,7 @@ def main():
 
     for n in names:
         r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time, args.grouped_path,
-                         args.cell)
+                         args.cell, args.input_grad)
         rows.append(r)
         f, fb = r["fwd"], r["fwd+bwd"]
         print(f"{n:<14}{r['G']:>4}{r['B']:>5}{r['T']:>5}{r['C']:>5}{r['H']:>5}{r['path']:>5} | "
