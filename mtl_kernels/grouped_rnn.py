@@ -339,19 +339,7 @@ class GroupedRNNBase(nn.Module):
             raise ValueError(f"{type(self).__name__}: per-group input has {x.shape[0]} groups, "
                              f"expected {G}")
         T, B = x.shape[-3], x.shape[-2]
-        if x.shape[-1] != self.input_size:
-            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {x.shape[-1]}")
-        p0 = self.weight_ih_l0
-        if x.dtype != p0.dtype and not torch._C._is_any_autocast_enabled():
-            raise ValueError(f"RNN input dtype ({x.dtype}) does not match weight dtype ({p0.dtype}). "
-                             f"Convert input: input.to({p0.dtype}), or convert model: "
-                             f"model.to({x.dtype})")
-        if x.device != p0.device:
-            raise RuntimeError(f"{type(self).__name__}: input is on {x.device} but the parameters "
-                               f"are on {p0.device}")
-        if T == 0:
-            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        self._check_input(x, T)
         lengths = self._check_lengths(lengths, B, T, x.device)
         # hx None: zero states, made per layer and direction below
         h0, c0 = (None, None) if hx is None else self._check_hx(hx, G, B, x, unbatched)
@@ -455,20 +443,26 @@ class GroupedRNNBase(nn.Module):
         else:
             raise TypeError(f"{name}: input[{k}] must be a Tensor or PackedSequence, got "
                             f"{type(item).__name__}")
-        p0 = self.weight_ih_l0
-        if x_k.shape[-1] != self.input_size:
-            raise RuntimeError(f"input[{k}].size(-1) must be equal to input_size. Expected "
-                               f"{self.input_size}, got {x_k.shape[-1]}")
-        if x_k.dtype != p0.dtype and not torch._C._is_any_autocast_enabled():
-            raise ValueError(f"RNN input dtype ({x_k.dtype}) of input[{k}] does not match weight "
-                             f"dtype ({p0.dtype}). Convert input: input.to({p0.dtype}), or convert "
-                             f"model: model.to({x_k.dtype})")
-        if x_k.device != p0.device:
-            raise RuntimeError(f"{name}: input[{k}] is on {x_k.device} but the parameters are on "
-                               f"{p0.device}")
-        if x_k.shape[0] == 0:
-            raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN (input[{k}])")
+        self._check_input(x_k, x_k.shape[0], f"input[{k}]")
         return x_k, len_k, form
+
+    def _check_input(self, x: Tensor, T: int, what: str = "input"):
+        """x's features, dtype, device and length against the module's, with nn.LSTM's messages
+        (`what` names the input: "input", or a list's entry "input[k]")."""
+        p0 = self.weight_ih_l0
+        entry = "" if what == "input" else f" ({what})"
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"{what}.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {x.shape[-1]}")
+        if x.dtype != p0.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"RNN input dtype ({x.dtype}){entry} does not match weight dtype "
+                             f"({p0.dtype}). Convert input: input.to({p0.dtype}), or convert model: "
+                             f"model.to({x.dtype})")
+        if x.device != p0.device:
+            raise RuntimeError(f"{type(self).__name__}: {what} is on {x.device} but the parameters "
+                               f"are on {p0.device}")
+        if T == 0:
+            raise RuntimeError(f"Expected sequence length to be larger than 0 in RNN{entry}")
 
     def _check_hx_list(self, hx, entries, G: int, B: int, x: Tensor, inputs):
         """hx for a list input: one state per group in the torch module's shapes ((h_k, c_k) for
