@@ -46,10 +46,11 @@ inline void check_dense_floating(const at::Tensor& t, const char* op, const char
               " must be a floating-point tensor, got ", dtype_name(t.scalar_type()));
 }
 
-// lengths: (B,) or (G, B) int64 on `device`, values in [1, T] or [0, T] (below). The values are checked where that needs no
-// device synchronisation (a CPU tensor); on a GPU the Python modules check them (a sync inside
-// the op would break CUDA-graph capture), and the kernels clamp nothing: a length above T reads
-// as "every step valid", a length below 1 as "no step valid", both within bounds.
+// lengths: (B,) or (G, B) int64 on `device`, values in [1, T] or [0, T] (below). The values are
+// checked where that needs no device synchronisation (a CPU tensor); on a GPU the Python modules
+// check them (a sync inside the op would break CUDA-graph capture), and the kernels clamp nothing:
+// a length above T reads as "every step valid", a length below 1 as "no step valid", both within
+// bounds.
 inline at::Tensor checked_lengths(const std::optional<at::Tensor>& lengths, const char* op,
                                   int64_t G, int64_t B, int64_t T, const at::Device& device) {
   if (!lengths.has_value() || !lengths->defined()) return at::Tensor();

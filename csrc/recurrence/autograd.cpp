@@ -63,9 +63,7 @@ std::vector<Tensor> composite_forward(const Tensor& input, const Tensor& w_ih, c
     if (w_hr.defined()) h_t = at::bmm(h_t, w_hr.transpose(1, 2));  // the projection, (G, B, P)
     Tensor out_t = h_t;
     if (lengths.defined()) {  // padding steps hold the state and emit zeros
-      // (1, B, 1) for (B,) lengths shared by the groups, (G, B, 1) for per-(group, row) (G, B)
-      const Tensor gt = lengths.to(xp.device()).gt(t).to(xp.scalar_type());
-      const Tensor valid = lengths.dim() == 1 ? gt.view({1, -1, 1}) : gt.unsqueeze(-1);
+      const Tensor valid = valid_rows(lengths.to(xp.device()), t, xp.scalar_type());
       const Tensor held = at::rsub(valid, 1);
       if (Cell::kCellState) aux_t = valid * aux_t + held * c;
       out_t = valid * h_t;

@@ -308,12 +308,6 @@ at::Tensor gates_at(const at::Tensor& gates, bool shared, int64_t t) {
   return shared ? gates.select(0, t).transpose(0, 1) : gates.select(1, t);
 }
 
-// Which rows step t is valid for, as a (1, B, 1) mask for (B,) lengths or (G, B, 1) for (G, B), in `dtype`.
-at::Tensor valid_rows(const at::Tensor& lengths, int64_t t, at::ScalarType dtype) {
-  const at::Tensor valid = lengths.gt(t).to(dtype);
-  return lengths.dim() == 1 ? valid.view({1, -1, 1}) : valid.unsqueeze(-1);
-}
-
 // A (G, n, B, W) view of one (G, B, W) buffer with a zero stride over n: the per-step kernels of
 // the projected LSTM write (and read) their unprojected h rows there at every step.
 at::Tensor every_step(const at::Tensor& row, int64_t n) {

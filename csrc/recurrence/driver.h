@@ -190,6 +190,13 @@ AutoPath cpu_auto_path();
 #ifdef MTL_KERNELS_WITH_CUDA
 AutoPath cuda_auto_path();
 #endif
+// Which rows step t is valid for (t < the row's length), in `dtype`: a (1, B, 1) mask for (B,)
+// lengths shared by the groups, (G, B, 1) for per-(group, row) (G, B) ones. The per-step path's
+// masks and the differentiable composite's (autograd.cpp).
+inline at::Tensor valid_rows(const at::Tensor& lengths, int64_t t, at::ScalarType dtype) {
+  const at::Tensor valid = lengths.gt(t).to(dtype);
+  return lengths.dim() == 1 ? valid.view({1, -1, 1}) : valid.unsqueeze(-1);
+}
 inline const char* auto_path_name(AutoPath p) {
   return p == AutoPath::kTuned ? "tuned" : p == AutoPath::kSequence ? "sequence" : "per_step";
 }

@@ -14,6 +14,11 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// lengths' stride between groups: 0 for (B,) lengths shared by the groups (or none), B for (G, B).
+inline int64_t lengths_group_stride(const at::Tensor& lengths) {
+  return lengths.defined() && lengths.dim() == 2 ? lengths.stride(0) : 0;
+}
+
 template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
 SequenceForward<scalar_t, acc_t> raw_forward(const ForwardSequence& s) {
   SequenceForward<scalar_t, acc_t> q;
@@ -34,7 +39,7 @@ SequenceForward<scalar_t, acc_t> raw_forward(const ForwardSequence& s) {
   q.out_sg = s.output.stride(0);
   q.out_st = s.output.stride(1);
   q.lengths = ptr_or_null<int64_t>(s.lengths);
-  q.lengths_sg = s.lengths.defined() && s.lengths.dim() == 2 ? s.lengths.stride(0) : 0;
+  q.lengths_sg = lengths_group_stride(s.lengths);
   q.T = s.T;
   q.G = s.G;
   q.B = s.B;
@@ -70,7 +75,7 @@ SequenceBackward<scalar_t, acc_t> raw_backward(const BackwardSequence& s) {
   q.grad_h0 = s.grad_h0.data_ptr<scalar_t>();
   q.grad_c0 = ptr_or_null<acc_t>(s.grad_c0);
   q.lengths = ptr_or_null<int64_t>(s.lengths);
-  q.lengths_sg = s.lengths.defined() && s.lengths.dim() == 2 ? s.lengths.stride(0) : 0;
+  q.lengths_sg = lengths_group_stride(s.lengths);
   q.T = s.T;
   q.G = s.G;
   q.B = s.B;
