@@ -156,18 +156,21 @@ class MultiTaskLSTM(nn.Module):
         elif not isinstance(lengths, (list, tuple)) or len(lengths) != K:
             raise ValueError(f"with a list of per-task batches, lengths must be None or a list of "
                              f"{K} entries (each (B_k,) or None)")
-        entries, task_lengths = [], []
+        entries = []
         for k, (x, len_k) in enumerate(zip(xs, lengths)):
-            if isinstance(x, PackedSequence):
+            if isinstance(x, PackedSequence):  # passed on packed (token ids embedded in place)
                 if len_k is not None:
                     raise ValueError(f"lengths[{k}] must be None when x[{k}] is a PackedSequence")
-                x, len_k = pad_packed_sequence(x, batch_first=True)
+                if self.embedding is not None:
+                    self._check_token_ids(x.data, k, "(sum_len,)", 1)
+                    x = PackedSequence(self.embedding(x.data), x.batch_sizes, x.sorted_indices,
+                                       x.unsorted_indices)
+                entries.append(x)
+                continue
             if not isinstance(x, Tensor):
                 raise TypeError(f"x[{k}] must be a Tensor or PackedSequence, got {type(x).__name__}")
             if self.embedding is not None:
-                if x.dtype not in (torch.int64, torch.int32) or x.dim() != 2:
-                    raise ValueError(f"x[{k}]: token input must be integer ids (B_k, T_k), got "
-                                     f"{x.dtype} of shape {tuple(x.shape)}")
+                self._check_token_ids(x, k, "(B_k, T_k)", 2)
                 x = self.embedding(x)  # (B_k, T_k, E)
             elif x.dim() != 3:
                 raise ValueError(f"x[{k}] must be (B_k, T_k, C), got shape {tuple(x.shape)}")
@@ -176,14 +179,19 @@ class MultiTaskLSTM(nn.Module):
                 if tuple(len_k.shape) != (x.shape[0],):
                     raise ValueError(f"lengths[{k}] must be ({x.shape[0]},), one per row of x[{k}], "
                                      f"got shape {tuple(len_k.shape)}")
-                entries.append(pack_padded_sequence(x, len_k, batch_first=True, enforce_sorted=False))
-            else:
-                entries.append(x)
-            task_lengths.append(len_k)
+                x = pack_padded_sequence(x, len_k, batch_first=True, enforce_sorted=False)
+            entries.append(x)
         outs = []
-        for k, ((seq, _), len_k) in enumerate(zip(self.lstm(entries), task_lengths)):
-            if isinstance(seq, PackedSequence):  # (B_k, T_k, H) again, for the pooling
-                seq, _ = pad_packed_sequence(seq, batch_first=True)
+        for k, (seq, _) in enumerate(self.lstm(entries)):
+            len_k = None
+            if isinstance(seq, PackedSequence):  # (B_k, T_k, H) and its lengths, for the pooling
+                seq, len_k = pad_packed_sequence(seq, batch_first=True)
             pooled = _pool(seq.unsqueeze(0), len_k, self.pooling)[0]  # (B_k, H)
             outs.append(self.heads[k](pooled))
         return outs
+
+    @staticmethod
+    def _check_token_ids(ids: Tensor, k: int, shape: str, dim: int):
+        if ids.dtype not in (torch.int64, torch.int32) or ids.dim() != dim:
+            raise ValueError(f"x[{k}]: token input must be integer ids {shape}, got {ids.dtype} of "
+                             f"shape {tuple(ids.shape)}")

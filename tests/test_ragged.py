@@ -365,6 +365,12 @@ def test_multitask_lstm_token_lists_and_bad_lists():
     got = model(toks)
     want = [ref(t, task=k) for k, t in enumerate(toks)]
     assert_all_close(got, want, **TOL)
+    # a packed entry of token ids: the same as its rows given with lengths
+    tok_lengths = torch.tensor([6, 3])
+    packed = pack_padded_sequence(toks[1], tok_lengths, batch_first=True, enforce_sorted=False)
+    with_lengths = model(toks, lengths=[None, tok_lengths])
+    assert_all_close(model([toks[0], packed]), with_lengths, **TOL)
+    assert_all_close(with_lengths[1:], [ref(toks[1], lengths=tok_lengths, task=1)], **TOL)
     with pytest.raises(ValueError, match="one entry per task"):
         model(toks[:1])
     with pytest.raises(ValueError, match="task= takes one batch"):
