@@ -20,7 +20,8 @@ persistent kernel's FMA variant, or the CPU's sequence path), S per step. The `p
 tensor-core variant ran (bf16 / fp16; fp32 with --tf32), the `FMA` column times the sequence path
 with it switched off (mtl_kernels.tensor_cores("off")), so that each variant has its column; on a
 CPU with AVX2 in fp32 that column is `untiled`: the grouped path with the register-tiled fp32
-products (csrc/recurrence/cpu_tiles.h) switched off, i.e. on MKL and the generic loops. A
+products (csrc/recurrence/cpu_tiles.h) switched off, i.e. on MKL and the generic loops, and on a
+CPU with AVX-512 the `avx2` column times the grouped path on the tiles' AVX2 variant. A
 second table puts the persistent forward's time per step next to its floor: FLOPs (K gates: 4 for
 the LSTM, 3 for the GRU, 1 for the RNN) over the peak of the units that ran it (the tensor cores'
 dense bf16 / fp16 / TF32 peak where the tensor-core variant ran, computed from the SM count and
@@ -59,6 +60,7 @@ CONFIGS = {
     "seed-branches": (3, 32, 20, 10, 20, "shared"),
     "many-small": (32, 16, 64, 64, 64, "per-group"),
     "multitask": (8, 64, 128, 128, 256, "per-group"),
+    "multitask-t32": (8, 64, 32, 128, 256, "per-group"),  # the same at a quarter of the length
     "wide": (4, 128, 256, 512, 512, "shared"),
 }
 
@@ -101,6 +103,12 @@ def untiled_column(device, dtype):
     """On a CPU with AVX2 in fp32 the `FMA` column times the grouped path with its register-tiled
     products switched off (MKL and the generic loops: what ran before them)."""
     return device.type == "cpu" and dtype == torch.float32 and _C._cpu_tiles_supported()
+
+
+def avx2_column(device, dtype):
+    """On a CPU with AVX-512 in fp32 the tiles run their AVX-512 variant, and the `avx2` column
+    times the grouped path with the AVX2 variant instead (mtl_kernels.cpu_tiles("avx2"))."""
+    return untiled_column(device, dtype) and _C._cpu_tiles_avx512_supported()
 
 
 def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="auto", cell="lstm",
@@ -168,6 +176,8 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
             timed["fma"] = on("sequence", fns[1], "off")
         if untiled_column(device, dtype):
             timed["untiled"] = on(grouped_path, fns[1], cpu_tiles="off")
+        if avx2_column(device, dtype):
+            timed["avx2"] = on(grouped_path, fns[1], cpu_tiles="avx2")
         if grouped_path != "per_step":
             timed["per_step"] = on("per_step", fns[1])
         with ctx:
@@ -182,6 +192,7 @@ def bench_config(name, device, dtype, warmup, repeats, min_time, grouped_path="a
         row[label].update({"per_step_ms": t_step * 1e3, "per_step_speedup_vs_loop": t_loop / t_step})
         row[label]["fma_ms"] = t_fma * 1e3 if t_fma is not None else None
         row[label]["untiled_ms"] = medians["untiled"] * 1e3 if "untiled" in medians else None
+        row[label]["avx2_ms"] = medians["avx2"] * 1e3 if "avx2" in medians else None
     return row
 
 
@@ -423,9 +434,12 @@ def main():
     print(f"# times are medians in ms; speedup = loop / grouped; cost = grouped / batched (1 nn.{torch_name} over G*B); "
           f"grouped = the {args.grouped_path} path (path fwd/bwd: T tensor cores, Q whole sequence without them, "
           "S per step), FMA = the sequence path with tensor cores off (where they ran), untiled = the grouped path "
-          "with the CPU's register-tiled fp32 products off (MKL and the generic loops), per-step = the per-step path")
+          "with the CPU's register-tiled fp32 products off (MKL and the generic loops), per-step = the per-step path"
+          + (", avx2 = the grouped path with the tiles' AVX2 variant (grouped: AVX-512)"
+             if avx2_column(device, dtype) else ""))
     alt_name = "untiled" if untiled_column(device, dtype) else "FMA"
-    step_hdr = f"{alt_name:>9}{'per-step':>9}{'spd':>7}"
+    avx2_hdr = f"{'avx2':>9}" if avx2_column(device, dtype) else ""
+    step_hdr = f"{alt_name:>9}{avx2_hdr}{'per-step':>9}{'spd':>7}"
     hdr = (f"{'config':<14}{'G':>4}{'B':>5}{'T':>5}{'C':>5}{'H':>5}{'path':>5} | "
            f"{'fwd loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr} | "
            f"{'f+b loop':>9}{'grouped':>9}{'batched':>9}{'speedup':>8}{'cost':>6}{step_hdr}")
@@ -443,7 +457,8 @@ def main():
     def step_cols(d):
         alt = d.get("fma_ms") if d.get("fma_ms") is not None else d.get("untiled_ms")
         fma = f"{alt:>9.3f}" if alt is not None else f"{'-':>9}"
-        return f"{fma}{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
+        avx2 = f"{d['avx2_ms']:>9.3f}" if d.get("avx2_ms") is not None else ""
+        return f"{fma}{avx2}{d['per_step_ms']:>9.3f}{d['per_step_speedup_vs_loop']:>6.2f}x"
 
     for n in names:
         r = bench_config(n, device, dtype, args.warmup, args.repeats, args.min_time, args.grouped_path,

@@ -24,6 +24,7 @@ output gradients), so the numbers compare with its `grouped` column.
 
   python3 benchmarks/compare_builds.py --before /tmp/wt_before [--after .] [--rounds 5]
         [--configs seed-tasks,seed-branches,many-small,multitask] [--device cpu] [--idle-wait S]
+        [--input-grad]
         [--json FILE]
 """
 import argparse
@@ -97,6 +98,7 @@ def worker(args):
     grouped = GroupedLSTM.from_lstms(lstms)
     nn.LSTM(C, H)  # the benchmark's batched baseline: same random stream after it
     x = torch.randn(T, B, C, device=device) if kind == "shared" else torch.randn(G, T, B, C, device=device)
+    x.requires_grad_(args.input_grad)  # fwd+bwd then also computes the input gradient
     torch.randn(T, G * B, C, device=device)  # the batched baseline's input
     grad = torch.stack([torch.randn(T, B, H, device=device) for _ in range(G)])
 
@@ -130,7 +132,7 @@ def run_one(tree, config, args):
     env["PYTHONPATH"] = os.path.realpath(tree) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--tree", tree, "--config", config,
            "--device", args.device, "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-           "--min-time", str(args.min_time)]
+           "--min-time", str(args.min_time)] + (["--input-grad"] if args.input_grad else [])
     p = subprocess.run(cmd, env=env, cwd="/", capture_output=True, text=True)
     if p.returncode != 0:
         sys.exit(f"worker failed ({tree}, {config}, exit {p.returncode}):\n{p.stdout}\n{p.stderr[-3000:]}")
@@ -160,6 +162,8 @@ def main():
     ap.add_argument("--max-others", type=float, default=0.05,
                     help="a run during which other processes took more than this share of the CPUs is run again")
     ap.add_argument("--retries", type=int, default=4, help="runs again at most this many times")
+    ap.add_argument("--input-grad", action="store_true",
+                    help="the input requires grad: fwd+bwd also computes the input gradient")
     ap.add_argument("--json", help="write every measurement and the summary to this file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--tree", help=argparse.SUPPRESS)
@@ -177,7 +181,8 @@ def main():
     builds = {"before": args.before, "after": args.after}
     print(f"# compare_builds: before {args.before} ({git_head(args.before)}), after {args.after} "
           f"({git_head(args.after)}), device {args.device}, {args.rounds} rounds, each a median of >= "
-          f"{args.repeats} runs after {args.warmup} warm-up; load average at start "
+          f"{args.repeats} runs after {args.warmup} warm-up; input requires grad: {args.input_grad}; "
+          "load average at start "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}", flush=True)
     runs, discarded = [], []
     t0 = time.time()

@@ -473,6 +473,11 @@ PyObject* py_cpu_tiles_supported(PyObject*, PyObject*) {
   return PyBool_FromLong(cpu_tiles::supported());
 }
 
+// _C._cpu_tiles_avx512_supported(): whether `auto` runs their AVX-512 variant on this CPU.
+PyObject* py_cpu_tiles_avx512_supported(PyObject*, PyObject*) {
+  return PyBool_FromLong(cpu_tiles::supported512());
+}
+
 // _C.auto_paths() -> {"cpu": ..., "cuda": ...}: what the `auto` recurrence path runs on each
 // backend this build has ("tuned": timed per shape; "per_step"; "sequence").
 PyObject* py_auto_paths(PyObject*, PyObject*) {
@@ -530,12 +535,14 @@ PyMethodDef module_methods[] = {
     {"_set_inference_chunk_bytes", py_set_inference_chunk_bytes, METH_VARARGS,
      "the inference forward's chunk size in bytes (a test hook)"},
     {"set_cpu_tiles", py_set_setting<&cpu_tiles::setting>, METH_VARARGS,
-     "the CPU's register-tiled fp32 products: auto or off; returns the previous mode"},
+     "the CPU's register-tiled fp32 products: auto, off or avx2; returns the previous mode"},
     {"get_cpu_tiles", py_get_setting<&cpu_tiles::setting>, METH_NOARGS, "the CPU tiles mode"},
     {"cell_traits", py_cell_traits, METH_NOARGS,
      "{cell: (gates, cell_state, aux, rec_bias)} from the C++ cells"},
     {"_cpu_tiles_supported", py_cpu_tiles_supported, METH_NOARGS,
      "whether this CPU runs the register-tiled kernels (AVX2 and FMA)"},
+    {"_cpu_tiles_avx512_supported", py_cpu_tiles_avx512_supported, METH_NOARGS,
+     "whether the tiles' `auto` runs their AVX-512 variant on this CPU"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -5,7 +5,7 @@ from . import _C
 
 PATHS = ("auto", "sequence", "per_step")
 TENSOR_CORE_MODES = ("auto", "off")
-CPU_TILES_MODES = ("auto", "off")
+CPU_TILES_MODES = ("auto", "off", "avx2")
 
 
 @contextlib.contextmanager
@@ -78,11 +78,14 @@ def tensor_cores(mode: str):
 
 
 def cpu_tiles(mode: str):
-    """Whether the CPU's whole-sequence path may run its register-tiled fp32 products
-    (``csrc/recurrence/cpu_tiles.h``, on x86-64 CPUs with AVX2 and FMA), within a ``with`` block.
+    """Whether the CPU's fp32 products may run on its register-tiled kernels
+    (``csrc/recurrence/cpu_tiles.h``, on x86-64 CPUs with AVX2 and FMA), within a ``with`` block:
+    the whole-sequence path's recurrent products and input projection, and on either path the
+    backward's weight and input gradients.
 
-    ``"auto"`` (the default): the tiles where the CPU supports them; ``"off"``: the generic loops
-    (for comparisons in tests and benchmarks). One process-wide atomic setting
+    ``"auto"`` (the default): the tiles where the CPU supports them, in their AVX-512 variant where
+    the CPU has AVX-512F; ``"avx2"``: the AVX2 variant even there; ``"off"``: the generic loops and
+    MKL (the last two for comparisons in tests and benchmarks). One process-wide atomic setting
     (``mtl_kernels._C.set_cpu_tiles``); its default comes from the environment variable
     ``MTL_KERNELS_CPU_TILES``, read once.
     """

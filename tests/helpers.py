@@ -31,7 +31,9 @@ def cpu_code_paths():
     flags = cpu_flags()
     clone = ("x86-64-v4 (AVX-512)" if X86_64_V4 <= flags else
              "x86-64-v3 (AVX2)" if {"avx2", "fma"} <= flags else "default")
-    return {"fp32 tiles": "AVX2+FMA" if _C._cpu_tiles_supported() else "off (no AVX2+FMA)",
+    tiles = ("AVX-512 (auto) and AVX2+FMA" if _C._cpu_tiles_avx512_supported() else
+             "AVX2+FMA" if _C._cpu_tiles_supported() else "off (no AVX2+FMA)")
+    return {"fp32 tiles": tiles,
             "row loops": clone,
             "avx512_bf16": "avx512_bf16" in flags,
             "ATen": torch.backends.cpu.get_cpu_capability()}

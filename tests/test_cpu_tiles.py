@@ -1,7 +1,8 @@
-"""The CPU's register-tiled fp32 products (csrc/recurrence/cpu_tiles.h), the whole-sequence path's
-recurrent products, against the same op in float64 and with the tiles switched off (the generic
-loops), on shapes that leave every block partial: rows not a multiple of the 6-row block, columns
-not a multiple of the 16-column panel, depths past the 256-deep pass."""
+"""The CPU's register-tiled fp32 products (csrc/recurrence/cpu_tiles.h): the whole-sequence path's
+recurrent products and input projection, and the backward's gradient products, in each variant the
+CPU runs (AVX-512, AVX2), against the same op in float64 and with the tiles switched off (the
+generic loops and MKL), on shapes that leave every block partial: rows not a multiple of the 6- or
+12-row block, columns not a multiple of the 16-column panel, depths past the 256-deep pass."""
 import pytest
 import torch
 
@@ -71,7 +72,7 @@ def test_switch_returns_the_previous_value(tiles_off):
     assert _C.set_cpu_tiles("auto") == "off"
     assert _C.get_cpu_tiles() == "auto"
     assert _C.set_cpu_tiles("off") == "auto"
-    with pytest.raises(ValueError, match="'auto' or 'off'"):
+    with pytest.raises(ValueError, match="'auto', 'off' or 'avx2'"):
         _C.set_cpu_tiles("on")
     assert _C.get_cpu_tiles() == "off"
 
@@ -189,6 +190,96 @@ def test_training_forward_projecting_in_the_kernel(cell, shape, shared, lengths,
     for a, e in zip(d_fused, d_exact):
         if e.numel():
             assert rel_err(a, e) < 1e-5
+
+
+# The tiles' variants this CPU runs: `auto` is AVX-512 where the CPU has AVX-512F, and `avx2` then
+# runs the AVX2 variant on the same machine; without AVX-512 both run the AVX2 variant.
+AVX512 = _C._cpu_tiles_avx512_supported()
+VARIANTS = [pytest.param("auto", id="auto-avx512" if AVX512 else "auto-avx2"),
+            pytest.param("avx2", id="avx2", marks=pytest.mark.skipif(
+                not AVX512, reason="this CPU has no AVX-512F: `auto` is already the AVX2 variant"))]
+
+# (G, T, B, C, H): one of everything; odd sizes (B = 13 rows: 12 + 1 in the AVX-512 blocks, 6 + 6
+# + 1 in AVX2's; 4H = 68: 4 panels and 4 columns, 2 AVX-512 panel pairs the second partial); the
+# seed-tasks shape; a 300-deep input (grad_input's K = 4H = 132 and T*B = 315 deep weight sums:
+# two 256-deep passes); 301 rows (chunks of 96 rows and a 13-row one)
+GRADIENT_SHAPES = [(1, 1, 1, 1, 1), (3, 7, 13, 5, 17), (2, 10, 32, 100, 50), (2, 45, 7, 300, 33),
+                   (1, 4, 301, 3, 9)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("shape", GRADIENT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shared,lengths,input_grad", [(True, "rows", True), (False, "rows", False),
+                                                       (False, "groups", True), (True, None, False)])
+def test_backward_gradient_products_in_the_tiles(variant, cell, shape, shared, lengths, input_grad):
+    """The backward's weight and input gradients (dg^T x, dr^T h_{t-1}, dg W_ih) in the tiles: no
+    ATen GEMM call in the backward (the MKL path: one bmm / mm each), the same results as MKL's
+    (tiles off) and as float64, for a shared input (grad_input sums the groups) and one per group,
+    with lengths (B,), per-(group, row) lengths (G, B) (each group's products stop at its longest
+    row), none, and with and without the input's gradient. The outputs are NaN-poisoned first."""
+    from test_ragged import _per_group_lengths
+    G, T, B, C, H = shape
+    args = list(recurrence_args(cell, G, T, B, C, H, dtype=torch.float32, shared=shared,
+                                lengths=lengths == "rows"))
+    if lengths == "groups":
+        args[-1] = _per_group_lengths(G, B, T, seed=2)
+    grads = recurrence_grads(cell, G, T, B, H, dtype=torch.float32)
+
+    def backward(a, g):
+        fwd = ops.grouped_recurrence_forward(cell, *a, False)
+        return _gemm_calls(lambda: ops.grouped_recurrence_backward(
+            cell, *backward_args(cell, g, a, fwd, False), input_grad))
+
+    with mtl_kernels.recurrence_path("sequence"):
+        with mtl_kernels.cpu_tiles(variant):
+            tiled, gemms = backward(args, grads)
+        with mtl_kernels.cpu_tiles("off"):
+            untiled, gemms_off = backward(args, grads)
+        exact, _ = backward(_to(args, torch.float64), _to(grads, torch.float64))
+    assert gemms == 0
+    # the MKL path's products: dW_ih, dW_hh and dx, one GEMM each (one per group when ragged)
+    assert gemms_off == (2 + input_grad) * (G if lengths == "groups" and not shared else 1)
+    assert (tiled[0].numel() > 0) == input_grad
+    for i, (a, u, e) in enumerate(zip(tiled, untiled, exact)):
+        if e.numel():
+            assert not a.isnan().any(), f"result {i}: an element no kernel wrote (NaN-poisoned)"
+            assert rel_err(a, e) < 1e-5, i
+            assert rel_err(a, u) < 1e-5, i
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_module_gradients_in_the_tiles_match_nn_lstm(variant):
+    """GroupedLSTM fp32, two bidirectional layers (the second layer's input needs its gradient),
+    per-group inputs with lengths, against a loop of nn.LSTM: the tiles' gradient products inside a
+    whole model, on both paths, for the variant the switch names."""
+    with mtl_kernels.cpu_tiles(variant):
+        for path in ("sequence", "per_step"):
+            with mtl_kernels.recurrence_path(path):
+                lstms, grouped, x, hx, lengths = make_case(2, 13, 19, 7, 21, L=2, bi=True,
+                                                           shared=False, with_lengths=True,
+                                                           with_hx=True, dtype=torch.float32)
+                check_parity(lstms, grouped, x, hx, lengths, torch.float32)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_avx512_and_avx2_variants_agree(cell):
+    """Where the CPU has AVX-512, the two variants' results on one call (forward, inference,
+    backward): the same bits, since both add each output element's products in the same k order
+    (in blocks of other shapes), and within fp32 rounding of float64."""
+    if not AVX512:
+        pytest.skip("this CPU has no AVX-512F: only the AVX2 variant runs here")
+    args = recurrence_args(cell, 3, 9, 29, 37, 41, dtype=torch.float32, shared=False, lengths=True)
+    grads = recurrence_grads(cell, 3, 9, 29, 41, dtype=torch.float32)
+    with mtl_kernels.recurrence_path("sequence"):
+        with mtl_kernels.cpu_tiles("auto"):
+            wide = _run(cell, args, grads, False)
+        with mtl_kernels.cpu_tiles("avx2"):
+            narrow = _run(cell, args, grads, False)
+        exact = _run(cell, _to(args, torch.float64), _to(grads, torch.float64), False)
+    for a, b, e in zip(wide, narrow, exact):
+        assert torch.equal(a, b)
+        assert rel_err(a, e) < 1e-5
 
 
 def test_context_manager_restores_the_switch():

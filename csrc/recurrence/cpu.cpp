@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -293,7 +294,8 @@ class RecurrentProduct {
       : K_(weight_hh.size(transposed ? 2 : 1)),
         N_(weight_hh.size(transposed ? 1 : 2)),
         w_(prepared && prepared->defined() ? *prepared : prepare(weight_hh, transposed)),
-        tiled_(w_.dim() == 2) {  // a reused W keeps its layout, whatever the switch says now
+        tiled_(w_.dim() == 2),  // a reused W keeps its layout, whatever the switch says now
+        variant_(cpu_tiles::chosen_variant()) {
     if (prepared) *prepared = w_;
   }
 
@@ -304,7 +306,8 @@ class RecurrentProduct {
                   bool accumulate, std::vector<acc_t>& acc) const {
     const scalar_t* w = w_.data_ptr<scalar_t>() + g * w_.stride(0);
     if constexpr (std::is_same_v<scalar_t, float>) {
-      if (tiled_) return cpu_tiles::rows_times_packed(x, n, sx, 1, w, K_, N_, out, ldo, accumulate);
+      if (tiled_)
+        return cpu_tiles::rows_times_packed(x, n, sx, 1, w, K_, N_, out, ldo, accumulate, variant_);
     }
     for (int64_t r = 0; r < n; r += kRowBlock) {
       const int64_t nr = std::min(kRowBlock, n - r);
@@ -332,6 +335,7 @@ class RecurrentProduct {
   int64_t K_, N_;
   at::Tensor w_;  // (G, K, N) contiguous, or (G, packed_size) panels where tiled_
   bool tiled_;
+  cpu_tiles::Variant variant_;  // read once: one call runs one variant throughout
 };
 
 // The input projection inside the sequence kernel (ForwardSequence::projected_input; the training
@@ -375,6 +379,152 @@ class InputProjection {
 
 bool cpu_projects_input(const at::Tensor& input) {
   return input.scalar_type() == at::kFloat && cpu_tiles::available();
+}
+
+// ---- the backward's gradient products in the tiles ------------------------------------------
+// grad_w_ih[g] = dg_g^T x_g, grad_w_hh[g] = dr_g^T h_prev_g and grad_input = dg W_ih (GradientProducts
+// in driver.h), fp32 where the tiles run. Why not MKL's batched GEMMs: at the seed models' sizes
+// (G = 2, T*B = 320, KH = 200) they ran these at ~1.1 of the 2 threads on average, one GEMM at a time;
+// here all of them are one pool of row blocks split over the threads by their multiply-adds, in
+// two parallel regions (packing the right operands into panels, then the products).
+
+// One product: out rows [0, n) (n, N), row stride ldo, = x (n, K) @ W, element (r, k) of x at
+// x[r * sm + k * sk], W packed by pack_panel_rows.
+struct TiledProduct {
+  const float* x;
+  int64_t sm, sk, n, K, N;
+  const float* packed;
+  float* out;
+  int64_t ldo;
+};
+
+// Rows [k0, k1) of W (K, N), row k at w + k * sk, unit stride along N, into pack_panels' layout
+// (the padding columns of the last panel zero): the operands here are row-major, so each row is a
+// contiguous copy per panel, and row ranges pack on separate threads.
+void pack_panel_rows(const float* w, int64_t K, int64_t N, int64_t sk, float* packed, int64_t k0,
+                     int64_t k1) {
+  constexpr int64_t P = cpu_tiles::kPanel;
+  for (int64_t p = 0; p < cpu_tiles::panel_count(N); ++p) {
+    const int64_t n0 = p * P, nc = std::min(P, N - n0);
+    float* dst = packed + p * K * P;
+    for (int64_t k = k0; k < k1; ++k) {
+      std::copy(w + k * sk + n0, w + k * sk + n0 + nc, dst + k * P);
+      std::fill(dst + k * P + nc, dst + k * P + P, 0.f);
+    }
+  }
+}
+
+// Runs work(i) for i in [0, cost.size()) on at::parallel_for's threads, each thread a contiguous
+// run of items of about the same total cost (item i goes to the thread whose share holds the
+// middle of its cost). Every item runs once, on one thread, whatever the thread count.
+template <typename Work>
+void run_balanced(const std::vector<int64_t>& cost, const Work& work) {
+  const int64_t n = static_cast<int64_t>(cost.size());
+  if (n == 0) return;
+  std::vector<int64_t> start(n + 1, 0);  // prefix sums of cost
+  for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + cost[i];
+  const int64_t total = std::max<int64_t>(1, start[n]);
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const auto owner = [&](int64_t i) {  // the thread of item i
+    return std::min(threads - 1, (2 * start[i] + cost[i]) * threads / (2 * total));
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t i = 0; i < n; ++i)
+      if (const int64_t o = owner(i); o >= t0 && o < t1) work(i);
+  });
+}
+
+bool cpu_gradient_products(GradientProducts& a) {
+  if (a.dg.scalar_type() != at::kFloat || !cpu_tiles::available()) return false;
+  const auto variant = cpu_tiles::chosen_variant();
+  const int64_t G = a.dg.size(0), TB = a.dg.size(1), KH = a.dg.size(2);
+  const int64_t C = a.input.size(-1), R = a.h_prev.size(2);
+  TORCH_INTERNAL_ASSERT(a.dg.stride(2) == 1 && a.dr.stride(2) == 1 && a.h_prev.stride(2) == 1 &&
+                        a.dg.strides() == a.dr.strides() && a.h_prev.stride(1) == R &&
+                        a.input.is_contiguous() && a.weight_ih.is_contiguous());
+  const auto rows = [&](int64_t g) { return a.rows ? a.rows[g] : TB; };  // group g's nonzero rows
+  const at::TensorOptions opts = a.dg.options();
+  a.grad_w_ih = at::empty({G, KH, C}, opts);
+  a.grad_w_hh = at::empty({G, KH, R}, opts);
+  if (a.input_grad) {
+    a.grad_input = a.shared ? at::empty({TB, C}, opts)
+                            : (a.rows ? at::zeros({G, TB, C}, opts) : at::empty({G, TB, C}, opts));
+  }
+
+  // the right operands, packed: x_g (rows_g, C) [one x for a shared input], h_prev_g (rows_g, R),
+  // and W_ih[g] (KH, C) [W_ih as one (G*KH, C) for a shared input, whose grad_input sums the groups]
+  struct Pack {
+    const float* w;
+    int64_t K, N, sk;
+    float* dst;
+  };
+  std::vector<Pack> packs;
+  int64_t floats = 0;
+  std::vector<int64_t> offsets;  // where each pack's panels start
+  const auto add_pack = [&](const float* w, int64_t K, int64_t N, int64_t sk) {
+    offsets.push_back(floats);
+    packs.push_back({w, K, N, sk, nullptr});
+    floats += cpu_tiles::packed_size(K, N);
+    return packs.size() - 1;
+  };
+  const float* x = a.input.data_ptr<float>();
+  const float* hp = a.h_prev.data_ptr<float>();
+  const float* wih = a.weight_ih.data_ptr<float>();
+  std::vector<size_t> pack_x(G), pack_h(G), pack_w(G);
+  for (int64_t g = 0; g < G; ++g) {
+    pack_x[g] = a.shared && g > 0 ? pack_x[0] : add_pack(x + (a.shared ? 0 : g * TB * C), rows(g), C, C);
+    pack_h[g] = add_pack(hp + g * a.h_prev.stride(0), rows(g), R, R);
+    if (a.input_grad && (!a.shared || g == 0))
+      pack_w[g] = add_pack(wih + g * KH * C, a.shared ? G * KH : KH, C, C);
+  }
+  at::Tensor packed = at::empty({floats}, opts);
+  for (size_t i = 0; i < packs.size(); ++i) packs[i].dst = packed.data_ptr<float>() + offsets[i];
+  // pack in slices of rows, so that one large operand spreads over the threads
+  constexpr int64_t kPackRows = 256;
+  std::vector<std::array<int64_t, 3>> slices;  // pack, k0, k1
+  std::vector<int64_t> slice_cost;
+  for (size_t i = 0; i < packs.size(); ++i)
+    for (int64_t k0 = 0; k0 < packs[i].K; k0 += kPackRows) {
+      slices.push_back({int64_t(i), k0, std::min(packs[i].K, k0 + kPackRows)});
+      slice_cost.push_back((slices.back()[2] - k0) * packs[i].N);
+    }
+  run_balanced(slice_cost, [&](int64_t i) {
+    const Pack& pk = packs[slices[i][0]];
+    pack_panel_rows(pk.w, pk.K, pk.N, pk.sk, pk.dst, slices[i][1], slices[i][2]);
+  });
+
+  // the products, each in blocks of kRowChunk output rows
+  const float* dg = a.dg.data_ptr<float>();
+  const float* dr = a.dr.data_ptr<float>();
+  const int64_t sg = a.dg.stride(0), srow = a.dg.stride(1);
+  std::vector<TiledProduct> blocks;
+  std::vector<int64_t> cost;
+  const auto add = [&](const TiledProduct& p) {
+    for (int64_t r = 0; r < p.n; r += cpu_tiles::kRowChunk) {
+      const int64_t nr = std::min(cpu_tiles::kRowChunk, p.n - r);
+      blocks.push_back({p.x + r * p.sm, p.sm, p.sk, nr, p.K, p.N, p.packed, p.out + r * p.ldo, p.ldo});
+      cost.push_back(nr * std::max<int64_t>(1, p.K) * p.N);
+    }
+  };
+  const float* base = packed.data_ptr<float>();
+  for (int64_t g = 0; g < G; ++g) {
+    // grad_w_ih[g] (KH, C) = dg_g^T (KH, rows) @ x_g (rows, C): x's element (unit, row) at unit + row * srow
+    add({dg + g * sg, 1, srow, KH, rows(g), C, base + offsets[pack_x[g]],
+         a.grad_w_ih.data_ptr<float>() + g * KH * C, C});
+    add({dr + g * sg, 1, srow, KH, rows(g), R, base + offsets[pack_h[g]],
+         a.grad_w_hh.data_ptr<float>() + g * KH * R, R});
+    if (a.input_grad && !a.shared)  // grad_input[g] rows (rows, C) = dg_g (rows, KH) @ W_ih[g]
+      add({dg + g * sg, srow, 1, rows(g), KH, C, base + offsets[pack_w[g]],
+           a.grad_input.data_ptr<float>() + g * TB * C, C});
+  }
+  if (a.input_grad && a.shared)  // grad_input (T*B, C) = dgates (T*B, G*KH) @ W_ih (G*KH, C)
+    add({dg, srow, 1, TB, G * KH, C, base + offsets[pack_w[0]], a.grad_input.data_ptr<float>(), C});
+  run_balanced(cost, [&](int64_t i) {
+    const TiledProduct& p = blocks[i];
+    cpu_tiles::rows_times_packed(p.x, p.n, p.sm, p.sk, p.packed, p.K, p.N, p.out, p.ldo,
+                                 /*accumulate=*/false, variant);
+  });
+  return true;
 }
 
 template <class Cell>
@@ -454,7 +604,8 @@ bool backward_sequence_cpu(const BackwardSequence& s) {
 template <class Cell>
 constexpr RecurrenceKernels kCpuKernels{&forward_step_cpu<Cell>,     &backward_step_cpu<Cell>,
                                         &forward_sequence_cpu<Cell>, &backward_sequence_cpu<Cell>,
-                                        AutoPath::kTuned,            &cpu_projects_input};
+                                        AutoPath::kTuned,            &cpu_projects_input,
+                                        &cpu_gradient_products};
 
 }  // namespace
 

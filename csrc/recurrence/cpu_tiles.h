@@ -1,4 +1,4 @@
-// Register-tiled fp32 products for the CPU's whole-sequence path: out (n, N) (+)= x (n, K) @ W (K, N)
+// Register-tiled fp32 products for the CPU's recurrence: out (n, N) (+)= x (n, K) @ W (K, N)
 // with W packed once per call into 16-column panels.
 //
 // Why: at multitask (G = 8, B = 64, H = 256) the recurrent product is most of the time. MKL's
@@ -8,11 +8,17 @@
 // output in 12 AVX2 registers for the whole K loop runs (64 x 256) @ (256 x 1024) at ~74 GFLOP/s
 // on one core of the CI machine, against ~64 for MKL's per-step bmm (benchmarks/NOTES.md).
 //
-// Only float on x86-64 with AVX2 and FMA (checked at run time; the functions carry their own target
-// attribute, so the rest of the build keeps its flags); every other case keeps the generic loops.
-// The driver's other products (input projection, input and weight gradients) stay on MKL: they
-// pack their operands once per call anyway, and at the seed models' sizes these tiles ran them no
-// faster than MKL (~77 vs ~79 GFLOP/s on one core for (320 x 100) @ (100 x 200)).
+// Two variants over the same packed panels, chosen at run time (the functions carry their own
+// target attributes, so the rest of the build keeps its flags):
+//   AVX2 + FMA : a 6 x 16 output block in 12 ymm accumulators (block);
+//   AVX-512F   : a 12 x 32 block, two panels side by side, in 24 of the 32 zmm registers
+//                (block512): per k two panel loads and 12 broadcasts feed 24 FMAs (AVX2's 6x16
+//                block: 8 loads for 12 FMAs), and a partial panel is stored under a mask instead
+//                of through a scratch block.
+// Only float on x86-64; every other case keeps the generic loops.
+// The backward's weight and input gradients run here too (cpu.cpp, cpu_gradient_products), all of
+// a call's products in one pool split over the threads; the per-step path's input projection
+// stays on MKL.
 #pragma once
 
 #include <algorithm>
@@ -49,18 +55,38 @@ inline bool supported() {
 #endif
 }
 
-enum class TilesMode { kAuto, kOff };
+// True where the AVX-512 variant can run (AVX-512F; its masks and FMAs need nothing more).
+inline bool supported512() {
+#if MTL_CPU_TILES
+  static const bool ok = supported() && __builtin_cpu_supports("avx512f");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+// auto: the widest variant the CPU has; avx2: the AVX2 variant even where AVX-512 runs (tests and
+// benchmarks compare the two on one machine); off: no tiles (MKL and the generic loops).
+enum class TilesMode { kAuto, kOff, kAvx2 };
 
 // A process-wide switch (common/setting.h), so that tests and benchmarks can run the same call with
-// and without the tiles: _C.set_cpu_tiles("auto" | "off"), default from MTL_KERNELS_CPU_TILES.
-inline EnvSetting<TilesMode, 2>& setting() {
-  static EnvSetting<TilesMode, 2> s("MTL_KERNELS_CPU_TILES", "CPU tiles mode (MTL_KERNELS_CPU_TILES)",
-                                    {"auto", "off"});
+// and without the tiles: _C.set_cpu_tiles("auto" | "off" | "avx2"), default from
+// MTL_KERNELS_CPU_TILES.
+inline EnvSetting<TilesMode, 3>& setting() {
+  static EnvSetting<TilesMode, 3> s("MTL_KERNELS_CPU_TILES", "CPU tiles mode (MTL_KERNELS_CPU_TILES)",
+                                    {"auto", "off", "avx2"});
   return s;
 }
 
 // Whether the CPU's fp32 products take the tiles.
-inline bool available() { return supported() && setting().get() == TilesMode::kAuto; }
+inline bool available() { return supported() && setting().get() != TilesMode::kOff; }
+
+// Which variant rows_times_packed runs: the ISA is read once per call (by the caller that packs
+// W), so one call never mixes variants.
+enum class Variant { kAvx2, kAvx512 };
+inline Variant chosen_variant() {
+  return supported512() && setting().get() == TilesMode::kAuto ? Variant::kAvx512 : Variant::kAvx2;
+}
 
 // W (K, N), element (k, n) at w[k * sk + n * sn], into panels: packed[(p * K + k) * kPanel + c] =
 // W(k, p * kPanel + c), zero past N (the last panel's padding columns are computed and dropped).
@@ -132,6 +158,81 @@ inline void block_rows(int64_t nr, const float* x, int64_t sm, int64_t sk, const
     default: return block<1>(x, sm, sk, panel, K, out, ldo, accumulate);
   }
 }
+
+constexpr int64_t kRows512 = 12;  // output rows per AVX-512 block: 12 x 2 accumulators + 2 W + 1 x
+
+// out rows r < NR, columns [0, 16 * NP): (+)= sum_k x[r * sm + k * sk] * panel_p[k * 16 + 0 .. 16)
+// for panels p < NP, panel p at panel + p * pstride. mask0 / mask1: the columns of panel 0 / 1 that
+// exist (a partial last panel's padding columns are computed from its zero W and not stored).
+template <int NR, int NP>
+__attribute__((target("avx512f"))) inline void block512(const float* x, int64_t sm, int64_t sk,
+                                                        const float* panel, int64_t pstride,
+                                                        int64_t K, float* out, int64_t ldo,
+                                                        bool accumulate, __mmask16 mask0,
+                                                        __mmask16 mask1) {
+  static_assert(NR >= 1 && NR <= kRows512 && (NP == 1 || NP == 2));
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+  __m512 a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+  __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0, b6 = a0, b7 = a0, b8 = a0, b9 = a0;
+  __m512 b10 = a0, b11 = a0;
+  const float* p1 = panel + (NP > 1 ? pstride : 0);
+#define MTL_TILE_ROW512(r)                                          \
+  if constexpr (NR > r) {                                           \
+    const __m512 v = _mm512_set1_ps(x[r * sm + xk]);                \
+    a##r = _mm512_fmadd_ps(v, w0, a##r);                            \
+    if constexpr (NP > 1) b##r = _mm512_fmadd_ps(v, w1, b##r);      \
+  }
+  for (int64_t k = 0, xk = 0; k < K; ++k, xk += sk) {
+    const __m512 w0 = _mm512_loadu_ps(panel + k * kPanel);
+    const __m512 w1 = NP > 1 ? _mm512_loadu_ps(p1 + k * kPanel) : w0;
+    MTL_TILE_ROW512(0) MTL_TILE_ROW512(1) MTL_TILE_ROW512(2) MTL_TILE_ROW512(3)
+    MTL_TILE_ROW512(4) MTL_TILE_ROW512(5) MTL_TILE_ROW512(6) MTL_TILE_ROW512(7)
+    MTL_TILE_ROW512(8) MTL_TILE_ROW512(9) MTL_TILE_ROW512(10) MTL_TILE_ROW512(11)
+  }
+#undef MTL_TILE_ROW512
+#define MTL_TILE_STORE512(r)                                                          \
+  if constexpr (NR > r) {                                                             \
+    float* o = out + r * ldo;                                                         \
+    if (accumulate) a##r = _mm512_add_ps(a##r, _mm512_maskz_loadu_ps(mask0, o));      \
+    _mm512_mask_storeu_ps(o, mask0, a##r);                                            \
+    if constexpr (NP > 1) {                                                           \
+      if (accumulate) b##r = _mm512_add_ps(b##r, _mm512_maskz_loadu_ps(mask1, o + 16)); \
+      _mm512_mask_storeu_ps(o + 16, mask1, b##r);                                     \
+    }                                                                                 \
+  }
+  MTL_TILE_STORE512(0) MTL_TILE_STORE512(1) MTL_TILE_STORE512(2) MTL_TILE_STORE512(3)
+  MTL_TILE_STORE512(4) MTL_TILE_STORE512(5) MTL_TILE_STORE512(6) MTL_TILE_STORE512(7)
+  MTL_TILE_STORE512(8) MTL_TILE_STORE512(9) MTL_TILE_STORE512(10) MTL_TILE_STORE512(11)
+#undef MTL_TILE_STORE512
+}
+
+template <int NP>
+inline void block512_rows(int64_t nr, const float* x, int64_t sm, int64_t sk, const float* panel,
+                          int64_t pstride, int64_t K, float* out, int64_t ldo, bool accumulate,
+                          __mmask16 mask0, __mmask16 mask1) {
+  switch (nr) {
+#define MTL_TILE_CASE512(n) \
+  case n: return block512<n, NP>(x, sm, sk, panel, pstride, K, out, ldo, accumulate, mask0, mask1);
+    MTL_TILE_CASE512(12) MTL_TILE_CASE512(11) MTL_TILE_CASE512(10) MTL_TILE_CASE512(9)
+    MTL_TILE_CASE512(8) MTL_TILE_CASE512(7) MTL_TILE_CASE512(6) MTL_TILE_CASE512(5)
+    MTL_TILE_CASE512(4) MTL_TILE_CASE512(3) MTL_TILE_CASE512(2)
+#undef MTL_TILE_CASE512
+    default: return block512<1, NP>(x, sm, sk, panel, pstride, K, out, ldo, accumulate, mask0, mask1);
+  }
+}
+
+// The rows of the next block when `left` rows remain, blocks of at most `most`: the remaining
+// blocks about equal (64 rows: 11, 11, 11, 11, 10, 10 rather than 12 x 5 and a 4-row block, whose
+// few rows per W load leave the FMA units idle).
+inline int64_t even_block_rows(int64_t left, int64_t most) {
+  const int64_t blocks = (left + most - 1) / most;
+  return (left + blocks - 1) / blocks;
+}
+
+// The columns of a panel that exist, as a mask: the first nc of 16 (nc <= 0: none).
+inline __mmask16 column_mask(int64_t nc) {
+  return nc >= kPanel ? __mmask16(0xFFFF) : nc <= 0 ? __mmask16(0) : __mmask16((1u << nc) - 1);
+}
 #endif
 
 constexpr int64_t kDepth = 256;  // K per pass: a panel's part (16 KB) stays in L1 across row blocks
@@ -140,9 +241,11 @@ constexpr int64_t kRowChunk = 96;  // rows per chunk: 96 x kDepth floats of x (9
 // out (n, N), row stride ldo: out (+)= x (n, K) @ W, element (r, k) of x at x[r * sm + k * sk], W
 // packed by pack_panels. Rows in chunks of kRowChunk, K in passes of kDepth, panels within a pass,
 // row blocks within a panel: the panel's part stays in L1 across the chunk's rows, and the chunk's
-// part of x in L2 across the panels. Call only where available().
+// part of x in L2 across the panels. The AVX-512 variant takes two panels per block. Call only
+// where available(), with the variant chosen_variant() gave (supported512() for kAvx512).
 inline void rows_times_packed(const float* x, int64_t n, int64_t sm, int64_t sk, const float* packed,
-                              int64_t K, int64_t N, float* out, int64_t ldo, bool accumulate) {
+                              int64_t K, int64_t N, float* out, int64_t ldo, bool accumulate,
+                              Variant variant) {
 #if MTL_CPU_TILES
   if (K == 0) {  // an empty sum
     if (!accumulate)
@@ -152,12 +255,32 @@ inline void rows_times_packed(const float* x, int64_t n, int64_t sm, int64_t sk,
   if (n > kRowChunk) {
     for (int64_t r = 0; r < n; r += kRowChunk)
       rows_times_packed(x + r * sm, std::min(kRowChunk, n - r), sm, sk, packed, K, N, out + r * ldo,
-                        ldo, accumulate);
+                        ldo, accumulate, variant);
     return;
   }
+  // both variants: the same passes, and within a pass each output element's products added in k
+  // order from zero, then to out: their results are the same bits
   for (int64_t k0 = 0; k0 < K; k0 += kDepth) {
     const int64_t kd = std::min(kDepth, K - k0);
     const bool acc = accumulate || k0 > 0;
+    if (variant == Variant::kAvx512) {
+      for (int64_t p = 0; p < panel_count(N); p += 2) {
+        const float* panel = packed + (p * K + k0) * kPanel;
+        const int64_t n0 = p * kPanel;
+        const __mmask16 m0 = column_mask(N - n0), m1 = column_mask(N - n0 - kPanel);
+        const bool pair = p + 1 < panel_count(N);
+        for (int64_t r = 0, nr; r < n; r += nr) {
+          nr = even_block_rows(n - r, kRows512);
+          const float* xr = x + r * sm + k0 * sk;
+          float* o = out + r * ldo + n0;
+          if (pair)
+            block512_rows<2>(nr, xr, sm, sk, panel, K * kPanel, kd, o, ldo, acc, m0, m1);
+          else
+            block512_rows<1>(nr, xr, sm, sk, panel, K * kPanel, kd, o, ldo, acc, m0, m1);
+        }
+      }
+      continue;
+    }
     for (int64_t p = 0; p < panel_count(N); ++p) {
       const float* panel = packed + (p * K + k0) * kPanel;
       const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
@@ -180,7 +303,7 @@ inline void rows_times_packed(const float* x, int64_t n, int64_t sm, int64_t sk,
   }
 #else
   (void)x, (void)n, (void)sm, (void)sk, (void)packed, (void)K, (void)N, (void)out, (void)ldo,
-      (void)accumulate;
+      (void)accumulate, (void)variant;
 #endif
 }
 

@@ -803,19 +803,32 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   at::Tensor grad_bias = dg.sum(1);  // (G, KH)
   at::Tensor grad_bias_hh = Cell::kRecBias ? dr.sum(1) : at::empty({0}, opts);
   at::Tensor grad_w_hh, grad_w_ih, grad_input = at::empty({0}, opts);
-  if (!s.shared && lengths.defined() && lengths.dim() == 2 && lengths.is_cpu()) {
-    // A ragged call (per-(group, row) lengths, per-group input): group g's steps from its longest
-    // row's length on are padding for all of its rows (dgates, drec 0 there), in either direction,
-    // so its GEMMs run over its first T_g steps alone (T_g * B of the T * B rows), one group at a
-    // time. (On a GPU reading the lengths would synchronise: the batched GEMMs below run there.)
-    const auto steps = lengths.amax(1).contiguous();  // (G,)
-    const int64_t* longest = steps.data_ptr<int64_t>();
+  // A ragged call (per-(group, row) lengths, per-group input): group g's steps from its longest
+  // row's length on are padding for all of its rows (dgates, drec 0 there), in either direction,
+  // so its products run over its first T_g steps alone (T_g * B of the T * B rows). (On a GPU
+  // reading the lengths would synchronise: the batched GEMMs run over all rows there.)
+  const bool ragged = !s.shared && lengths.defined() && lengths.dim() == 2 && lengths.is_cpu();
+  const at::Tensor group_rows = ragged ? (lengths.amax(1) * B).contiguous() : at::Tensor();  // (G,)
+  GradientProducts products{dg,
+                            dr,
+                            s.shared ? input.view({T * B, C}) : input.view({G, T * B, C}),
+                            h_prev,
+                            weight_ih,
+                            ragged ? group_rows.data_ptr<int64_t>() : nullptr,
+                            s.shared,
+                            a.input_grad};
+  if (kernels.gradient_products && kernels.gradient_products(products)) {
+    grad_w_ih = products.grad_w_ih;
+    grad_w_hh = products.grad_w_hh;
+    if (a.input_grad) grad_input = products.grad_input.view(input.sizes());
+  } else if (ragged) {  // group by group, each over its first rows
+    const int64_t* longest_rows = group_rows.data_ptr<int64_t>();
     grad_w_hh = at::zeros({G, KH, R}, dr.options());
     grad_w_ih = at::zeros({G, KH, C}, dg.options());
     if (a.input_grad) grad_input = at::zeros({G, T, B, C}, dg.options());
     const at::Tensor x = input.view({G, T * B, C});
     for (int64_t g = 0; g < G; ++g) {
-      const int64_t n = longest[g] * B;
+      const int64_t n = longest_rows[g];
       if (n == 0) continue;
       const at::Tensor dg_g = dg.select(0, g).narrow(0, 0, n), dr_g = dr.select(0, g).narrow(0, 0, n);
       at::Tensor w_hh_g = grad_w_hh.select(0, g), w_ih_g = grad_w_ih.select(0, g);

@@ -90,6 +90,21 @@ struct BackwardSequence {
 // AutoPath::kSequence  the sequence path wherever it can run
 enum class AutoPath { kTuned, kPerStep, kSequence };
 
+// The backward's weight and input gradients over all steps, for a backend that computes them
+// itself (RecurrenceKernels::gradient_products): T*B rows per group, (G, T*B, .) views.
+struct GradientProducts {
+  at::Tensor dg, dr;      // (G, T*B, KH): dgates and drec, either layout (unit stride along KH)
+  at::Tensor input;       // (T*B, C) shared or (G, T*B, C) per group, contiguous
+  at::Tensor h_prev;      // (G, T*B, R): h_{t-1} of every step, rows contiguous
+  at::Tensor weight_ih;   // (G, KH, C) contiguous
+  const int64_t* rows;    // per group, its first rows that may be nonzero (a ragged call's first
+                          // T_g * B; dg and dr are 0 past them); nullptr: all T*B
+  bool shared, input_grad;
+  // out: grad_w_ih (G, KH, C) = dg_g^T x_g, grad_w_hh (G, KH, R) = dr_g^T h_prev_g, and where
+  // input_grad grad_input (T*B, C) = sum_g dg_g W_ih[g] (shared) or (G, T*B, C) = dg_g W_ih[g]
+  at::Tensor grad_w_ih, grad_w_hh, grad_input;
+};
+
 struct RecurrenceKernels {
   // hproj (G, B, KH): h_{t-1} W_hh^T for step t.
   void (*forward_step)(const ForwardSequence&, const at::Tensor& hproj, int64_t t);
@@ -104,6 +119,9 @@ struct RecurrenceKernels {
   // Where it does and the sequence path runs, the forward and the inference forward hand it the
   // input instead of projecting it with GEMMs (the inference forward's in chunks).
   bool (*projects_input)(const at::Tensor& input) = nullptr;
+  // Fills the outputs of GradientProducts and returns true, or returns false (these dtypes or
+  // sizes: the driver's ATen GEMMs run them). nullptr: always the driver's.
+  bool (*gradient_products)(GradientProducts&) = nullptr;
 };
 
 // One layer and direction's arguments, whichever the cell (the ops' schemas: csrc/ops.cpp).
