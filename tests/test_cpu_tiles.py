@@ -248,6 +248,27 @@ def test_backward_gradient_products_in_the_tiles(variant, cell, shape, shared, l
             assert rel_err(a, u) < 1e-5, i
 
 
+def test_large_gradient_products_stay_on_mkl():
+    """Past 2^26 multiply-adds in a group's largest gradient product (here 256 x 2048 x 160) the
+    backward's products run on MKL's GEMMs even with the tiles on (MKL was the faster there):
+    three GEMM calls, results within fp32 rounding of float64."""
+    G, T, B, C, H = 1, 16, 128, 160, 64
+    args = recurrence_args("lstm", G, T, B, C, H, dtype=torch.float32, shared=False)
+    grads = recurrence_grads("lstm", G, T, B, H, dtype=torch.float32)
+    with mtl_kernels.recurrence_path("sequence"), mtl_kernels.cpu_tiles("auto"):
+        fwd = ops.grouped_recurrence_forward("lstm", *args, False)
+        got, gemms = _gemm_calls(lambda: ops.grouped_recurrence_backward(
+            "lstm", *backward_args("lstm", grads, args, fwd, False), True))
+    assert gemms == 3
+    args64, grads64 = _to(args, torch.float64), _to(grads, torch.float64)
+    fwd64 = ops.grouped_recurrence_forward("lstm", *args64, False)
+    exact = ops.grouped_recurrence_backward("lstm", *backward_args("lstm", grads64, args64, fwd64,
+                                                                   False), True)
+    for a, e in zip(got, exact):
+        if e.numel():
+            assert rel_err(a, e) < 1e-5
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_module_gradients_in_the_tiles_match_nn_lstm(variant):
     """GroupedLSTM fp32, two bidirectional layers (the second layer's input needs its gradient),

@@ -268,8 +268,8 @@ at::Tensor pack_weight_hh(const at::Tensor& weight_hh, bool transposed) {
   at::Tensor packed = at::empty({G, cpu_tiles::packed_size(K, N)}, w.options());
   const float* src = w.data_ptr<float>();
   float* dst = packed.data_ptr<float>();
-  // threads only for large weights: a fork/join costs more than packing a small one
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, KH * H));
+  // threads only past ~8k floats a thread: a fork/join costs more than packing a small weight
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 13) / std::max<int64_t>(1, KH * H));
   at::parallel_for(0, G, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g)
       cpu_tiles::pack_panels(src + g * KH * H, K, N, transposed ? 1 : H, transposed ? H : 1,
@@ -416,29 +416,43 @@ void pack_panel_rows(const float* w, int64_t K, int64_t N, int64_t sk, float* pa
 
 // Runs work(i) for i in [0, cost.size()) on at::parallel_for's threads, each thread a contiguous
 // run of items of about the same total cost (item i goes to the thread whose share holds the
-// middle of its cost). Every item runs once, on one thread, whatever the thread count.
+// middle of its cost). Every item runs once, on one thread, whatever the thread count. Below
+// kSerialCost in all, on the calling thread: a fork/join costs more than such work.
 template <typename Work>
 void run_balanced(const std::vector<int64_t>& cost, const Work& work) {
+  constexpr int64_t kSerialCost = int64_t(1) << 15;
   const int64_t n = static_cast<int64_t>(cost.size());
   if (n == 0) return;
   std::vector<int64_t> start(n + 1, 0);  // prefix sums of cost
   for (int64_t i = 0; i < n; ++i) start[i + 1] = start[i] + cost[i];
   const int64_t total = std::max<int64_t>(1, start[n]);
-  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  const int64_t threads = total < kSerialCost ? 1 : std::min<int64_t>(at::get_num_threads(), n);
   const auto owner = [&](int64_t i) {  // the thread of item i
     return std::min(threads - 1, (2 * start[i] + cost[i]) * threads / (2 * total));
   };
+  if (threads == 1) {
+    for (int64_t i = 0; i < n; ++i) work(i);
+    return;
+  }
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t i = 0; i < n; ++i)
       if (const int64_t o = owner(i); o >= t0 && o < t1) work(i);
   });
 }
 
+// Past this many multiply-adds in a group's largest product MKL's GEMM is the faster: it packs
+// both operands, while the tiles read dg^T (the weight gradients' left operand) along a stride of
+// KH, one cache line per k per row block (multitask at T = 32: KH = 1024, T*B = 2048 rows, the
+// backward 183 ms with the tiles against 166 ms with MKL; seed-tasks and many-small, 6M and 17M
+// per product, were faster in the tiles).
+constexpr int64_t kTiledGradientWorkMax = int64_t(1) << 26;
+
 bool cpu_gradient_products(GradientProducts& a) {
   if (a.dg.scalar_type() != at::kFloat || !cpu_tiles::available()) return false;
   const auto variant = cpu_tiles::chosen_variant();
   const int64_t G = a.dg.size(0), TB = a.dg.size(1), KH = a.dg.size(2);
   const int64_t C = a.input.size(-1), R = a.h_prev.size(2);
+  if (KH * TB * std::max(C, R) > kTiledGradientWorkMax) return false;
   TORCH_INTERNAL_ASSERT(a.dg.stride(2) == 1 && a.dr.stride(2) == 1 && a.h_prev.stride(2) == 1 &&
                         a.dg.strides() == a.dr.strides() && a.h_prev.stride(1) == R &&
                         a.input.is_contiguous() && a.weight_ih.is_contiguous());
