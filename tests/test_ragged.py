@@ -308,6 +308,20 @@ def test_opcheck_with_per_group_lengths(cell):
                           (cell, *backward_args(cell, grads, args, fwd, False)))
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_op_per_group_lengths_of_no_rows(cell):
+    """B = 0 with lengths (G, 0): forward and backward run (no longest row to read) and give
+    zero weight gradients, as with no lengths."""
+    args = list(recurrence_args(cell, 2, 3, 0, 4, 5, dtype=torch.float64, shared=False))
+    args[-1] = torch.zeros(2, 0, dtype=torch.int64)
+    grads = recurrence_grads(cell, 2, 3, 0, 5)
+    fwd = ops.grouped_recurrence_forward(cell, *args, False)
+    got = ops.grouped_recurrence_backward(cell, *backward_args(cell, grads, args, fwd, False), True)
+    assert got[0].shape == (2, 3, 0, 4)
+    for t in got[1:4]:
+        assert torch.equal(t, torch.zeros_like(t))
+
+
 def test_op_rejects_bad_per_group_lengths():
     G, T, B, C, H = 2, 4, 3, 2, 3
     args = list(recurrence_args("lstm", G, T, B, C, H, shared=False))

@@ -807,7 +807,8 @@ BackwardResult recurrence_backward(const BackwardArgs& a, const RecurrenceKernel
   // row's length on are padding for all of its rows (dgates, drec 0 there), in either direction,
   // so its products run over its first T_g steps alone (T_g * B of the T * B rows). (On a GPU
   // reading the lengths would synchronise: the batched GEMMs run over all rows there.)
-  const bool ragged = !s.shared && lengths.defined() && lengths.dim() == 2 && lengths.is_cpu();
+  const bool ragged =
+      !s.shared && lengths.defined() && lengths.dim() == 2 && lengths.is_cpu() && B > 0;
   const at::Tensor group_rows = ragged ? (lengths.amax(1) * B).contiguous() : at::Tensor();  // (G,)
   GradientProducts products{dg,
                             dr,
