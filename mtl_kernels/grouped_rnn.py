@@ -396,9 +396,12 @@ class GroupedRNNBase(nn.Module):
         output, h_n, c_n = self._run_layers(x, h0, c0, lengths.to(x.device), group_index, G, B)
 
         results = []
+        # one autograd node splits the groups (its backward stacks their gradients once); an
+        # index output[k] per group made a zero-filled full-size gradient each, summed after
+        outputs = output.unbind(0)
         for k, (x_k, len_k, form) in enumerate(entries):
             T_k, B_k = x_k.shape[0], x_k.shape[1]
-            out_k = output[k, :T_k, :B_k]  # (T_k, B_k, D*R)
+            out_k = outputs[k][:T_k, :B_k]  # (T_k, B_k, D*R)
             # fresh state tensors, as nn.LSTM's (detach_() on them must work)
             h_k = h_n[k, :, :B_k].clone()
             c_k = None if c_n is None else c_n[k, :, :B_k].clone()

@@ -93,9 +93,12 @@ void forward_rows(const SequenceForward<scalar_t, acc_t>& q, const scalar_t* hpr
   for (int64_t rw = begin; rw < end; ++rw) {
     const auto r = forward_row(q, K, t, rw / q.B, rw % q.B);
     const scalar_t* hp = hproj + rw * K * H;
-    if (!r.valid) {
-      for (int64_t j = 0; j < H; ++j)
-        forward_hold<Cell>(r, j, H, acc_t(r.h_prev[j]), Cell::kCellState ? r.aux_prev[j] : acc_t(0));
+    if (!r.valid) {  // forward_hold for the whole row, as copies and fills
+      std::copy(r.h_prev, r.h_prev + H, r.h_next);
+      if constexpr (Cell::kCellState) std::copy(r.aux_prev, r.aux_prev + H, r.aux_next);
+      else if constexpr (Cell::kAux) std::fill(r.aux_next, r.aux_next + H, acc_t(0));
+      std::fill(r.out, r.out + H, scalar_t(0));
+      std::fill(r.gates, r.gates + K * H, scalar_t(0));
     } else if (r.bias) {
       forward_valid_row<Cell, true>(r.gates, hp, r.bias, r.bias_hh, r.h_prev, r.aux_prev, r.aux_next,
                                     r.h_next, r.out, H);
@@ -115,12 +118,10 @@ void backward_rows(const SequenceBackward<scalar_t, acc_t>& q, const scalar_t* d
     const auto r = backward_row(q, t, rw / q.B, rw % q.B);
     const scalar_t* in = dh_in + rw * H;
     scalar_t* pass = dh_pass + rw * H;
-    if (!r.valid) {
-      for (int64_t j = 0; j < H; ++j) {
-        acc_t p;
-        backward_hold<Cell>(r, j, H, acc_t(in[j]), p);
-        pass[j] = scalar_t(p);
-      }
+    if (!r.valid) {  // backward_hold for the whole row: no gate gradients, dh passes on
+      std::fill(r.dgates, r.dgates + Cell::kGates * H, scalar_t(0));
+      if constexpr (Cell::kSplitRecGrad) std::fill(r.drec, r.drec + Cell::kGates * H, scalar_t(0));
+      std::copy(in, in + H, pass);
     } else {
       acc_t* dcr = dc ? dc + rw * H : nullptr;
       if (r.gates == r.dgates) {
@@ -440,19 +441,11 @@ void run_balanced(const std::vector<int64_t>& cost, const Work& work) {
   });
 }
 
-// Past this many multiply-adds in a group's largest product MKL's GEMM is the faster: it packs
-// both operands, while the tiles read dg^T (the weight gradients' left operand) along a stride of
-// KH, one cache line per k per row block (multitask at T = 32: KH = 1024, T*B = 2048 rows, the
-// backward 183 ms with the tiles against 166 ms with MKL; seed-tasks and many-small, 6M and 17M
-// per product, were faster in the tiles).
-constexpr int64_t kTiledGradientWorkMax = int64_t(1) << 26;
-
 bool cpu_gradient_products(GradientProducts& a) {
   if (a.dg.scalar_type() != at::kFloat || !cpu_tiles::available()) return false;
   const auto variant = cpu_tiles::chosen_variant();
   const int64_t G = a.dg.size(0), TB = a.dg.size(1), KH = a.dg.size(2);
   const int64_t C = a.input.size(-1), R = a.h_prev.size(2);
-  if (KH * TB * std::max(C, R) > kTiledGradientWorkMax) return false;
   TORCH_INTERNAL_ASSERT(a.dg.stride(2) == 1 && a.dr.stride(2) == 1 && a.h_prev.stride(2) == 1 &&
                         a.dg.strides() == a.dr.strides() && a.h_prev.stride(1) == R &&
                         a.input.is_contiguous() && a.weight_ih.is_contiguous());

@@ -120,7 +120,7 @@ struct RecurrenceKernels {
   // input instead of projecting it with GEMMs (the inference forward's in chunks).
   bool (*projects_input)(const at::Tensor& input) = nullptr;
   // Fills the outputs of GradientProducts and returns true, or returns false (these dtypes or
-  // sizes: the driver's ATen GEMMs run them; the CPU's tiles take fp32 products up to a size).
+  // sizes: the driver's ATen GEMMs run them; the CPU's tiles take fp32).
   // nullptr: always the driver's.
   bool (*gradient_products)(GradientProducts&) = nullptr;
 };
