@@ -253,6 +253,27 @@ def test_backward_gradient_products_in_the_tiles(variant, cell, shape, shared, l
             assert rel_err(a, u) < 3e-5, i
 
 
+def test_gradient_products_of_narrow_operands_stay_on_mkl():
+    """C = H = 1 over T*B = 38,400 rows: the panels (16 floats a row) would copy the operands 8x
+    over 4 MB, so the backward's products run on MKL's GEMMs (three calls), with results within
+    fp32 rounding of float64."""
+    G, T, B, C, H = 1, 64, 600, 1, 1
+    args = recurrence_args("lstm", G, T, B, C, H, dtype=torch.float32, shared=False)
+    grads = recurrence_grads("lstm", G, T, B, H, dtype=torch.float32)
+    with mtl_kernels.recurrence_path("sequence"), mtl_kernels.cpu_tiles("auto"):
+        fwd = ops.grouped_recurrence_forward("lstm", *args, False)
+        got, gemms = _gemm_calls(lambda: ops.grouped_recurrence_backward(
+            "lstm", *backward_args("lstm", grads, args, fwd, False), True))
+    assert gemms == 3
+    args64, grads64 = _to(args, torch.float64), _to(grads, torch.float64)
+    fwd64 = ops.grouped_recurrence_forward("lstm", *args64, False)
+    exact = ops.grouped_recurrence_backward("lstm", *backward_args("lstm", grads64, args64, fwd64,
+                                                                   False), True)
+    for a, e in zip(got, exact):
+        if e.numel():
+            assert rel_err(a, e) < 3e-5
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_module_gradients_in_the_tiles_match_nn_lstm(variant):
     """GroupedLSTM fp32, two bidirectional layers (the second layer's input needs its gradient),
@@ -268,14 +289,19 @@ def test_module_gradients_in_the_tiles_match_nn_lstm(variant):
 
 
 @pytest.mark.parametrize("cell", CELLS)
-def test_avx512_and_avx2_variants_agree(cell):
+@pytest.mark.parametrize("shape,shared", [((3, 9, 29, 37, 41), False), ((1, 5, 23, 130, 100), True),
+                                          ((2, 5, 23, 130, 100), False)],
+                         ids=["3x9x29x37x41", "gathered-shared", "gathered-per-group"])
+def test_avx512_and_avx2_variants_agree(cell, shape, shared):
     """Where the CPU has AVX-512, the two variants' results on one call (forward, inference,
     backward): the same bits, since both add each output element's products in the same k order
-    (in blocks of other shapes), and within fp32 rounding of float64."""
+    (in blocks of other shapes), and within fp32 rounding of float64; also where the weight
+    gradients gather dg^T per pass (4H >= 384, C >= 128), for a shared input and per group."""
     if not AVX512:
         pytest.skip("this CPU has no AVX-512F: only the AVX2 variant runs here")
-    args = recurrence_args(cell, 3, 9, 29, 37, 41, dtype=torch.float32, shared=False, lengths=True)
-    grads = recurrence_grads(cell, 3, 9, 29, 41, dtype=torch.float32)
+    G, T, B, C, H = shape
+    args = recurrence_args(cell, G, T, B, C, H, dtype=torch.float32, shared=shared, lengths=True)
+    grads = recurrence_grads(cell, G, T, B, H, dtype=torch.float32)
     with mtl_kernels.recurrence_path("sequence"):
         with mtl_kernels.cpu_tiles("auto"):
             wide = _run(cell, args, grads, False)
@@ -284,7 +310,35 @@ def test_avx512_and_avx2_variants_agree(cell):
         exact = _run(cell, _to(args, torch.float64), _to(grads, torch.float64), False)
     for a, b, e in zip(wide, narrow, exact):
         assert torch.equal(a, b)
-        assert rel_err(a, e) < 1e-5
+        assert rel_err(a, e) < 3e-5
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_gradient_products_same_bits_on_any_thread_count(shared):
+    """The tiles' gradient products split output rows over the threads, never a sum: grad_input,
+    grad_weight_ih and grad_weight_hh are the same bits on 1, 2 and 7 threads (7: more threads
+    than some pools have items), with per-(group, row) lengths for the per-group input."""
+    from test_ragged import _per_group_lengths
+    G, T, B, C, H = 3, 6, 11, 130, 100
+    args = list(recurrence_args("lstm", G, T, B, C, H, dtype=torch.float32, shared=shared,
+                                lengths=shared))
+    if not shared:
+        args[-1] = _per_group_lengths(G, B, T, seed=3)
+    grads = recurrence_grads("lstm", G, T, B, H, dtype=torch.float32)
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 7):
+            torch.set_num_threads(threads)
+            with mtl_kernels.recurrence_path("sequence"):
+                fwd = ops.grouped_recurrence_forward("lstm", *args, False)
+                results.append(ops.grouped_recurrence_backward(
+                    "lstm", *backward_args("lstm", grads, args, fwd, False), True)[:3])
+    finally:
+        torch.set_num_threads(before)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
 
 
 def test_context_manager_restores_the_switch():

@@ -451,13 +451,6 @@ bool cpu_gradient_products(GradientProducts& a) {
                         a.input.is_contiguous() && a.weight_ih.is_contiguous());
   const auto rows = [&](int64_t g) { return a.rows ? a.rows[g] : TB; };  // group g's nonzero rows
   const at::TensorOptions opts = a.dg.options();
-  a.grad_w_ih = at::empty({G, KH, C}, opts);
-  a.grad_w_hh = at::empty({G, KH, R}, opts);
-  if (a.input_grad) {
-    a.grad_input = a.shared ? at::empty({TB, C}, opts)
-                            : (a.rows ? at::zeros({G, TB, C}, opts) : at::empty({G, TB, C}, opts));
-  }
-
   // the right operands, packed: x_g (rows_g, C) [one x for a shared input], h_prev_g (rows_g, R),
   // and W_ih[g] (KH, C) [W_ih as one (G*KH, C) for a shared input, whose grad_input sums the groups]
   struct Pack {
@@ -484,7 +477,18 @@ bool cpu_gradient_products(GradientProducts& a) {
     if (a.input_grad && (!a.shared || g == 0))
       pack_w[g] = add_pack(wih + g * KH * C, a.shared ? G * KH : KH, C, C);
   }
+  // The panels copy whole operands, padded to 16 columns: past twice the operands' own size (a
+  // C or R well below 16) and 4 MB, MKL's GEMMs (which pack in bounded blocks) run them instead.
+  const int64_t operands =
+      a.input.numel() + a.h_prev.numel() + (a.input_grad ? a.weight_ih.numel() : 0);
+  if (floats > std::max<int64_t>(2 * operands, int64_t(1) << 20)) return false;
   at::Tensor packed = at::empty({floats}, opts);
+  a.grad_w_ih = at::empty({G, KH, C}, opts);
+  a.grad_w_hh = at::empty({G, KH, R}, opts);
+  if (a.input_grad) {
+    a.grad_input = a.shared ? at::empty({TB, C}, opts)
+                            : (a.rows ? at::zeros({G, TB, C}, opts) : at::empty({G, TB, C}, opts));
+  }
   for (size_t i = 0; i < packs.size(); ++i) packs[i].dst = packed.data_ptr<float>() + offsets[i];
   // pack in slices of rows, so that one large operand spreads over the threads
   constexpr int64_t kPackRows = 256;

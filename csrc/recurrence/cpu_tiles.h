@@ -156,7 +156,8 @@ inline void block_rows(int64_t nr, const float* x, int64_t sm, int64_t sk, const
     case 4: return block<4>(x, sm, sk, panel, K, out, ldo, accumulate);
     case 3: return block<3>(x, sm, sk, panel, K, out, ldo, accumulate);
     case 2: return block<2>(x, sm, sk, panel, K, out, ldo, accumulate);
-    default: return block<1>(x, sm, sk, panel, K, out, ldo, accumulate);
+    case 1: return block<1>(x, sm, sk, panel, K, out, ldo, accumulate);
+    default: TORCH_INTERNAL_ASSERT(false, "cpu_tiles: a block of ", nr, " rows (1 to ", kRows, ")");
   }
 }
 
@@ -216,9 +217,9 @@ inline void block512_rows(int64_t nr, const float* x, int64_t sm, int64_t sk, co
   case n: return block512<n, NP>(x, sm, sk, panel, pstride, K, out, ldo, accumulate, mask0, mask1);
     MTL_TILE_CASE512(12) MTL_TILE_CASE512(11) MTL_TILE_CASE512(10) MTL_TILE_CASE512(9)
     MTL_TILE_CASE512(8) MTL_TILE_CASE512(7) MTL_TILE_CASE512(6) MTL_TILE_CASE512(5)
-    MTL_TILE_CASE512(4) MTL_TILE_CASE512(3) MTL_TILE_CASE512(2)
+    MTL_TILE_CASE512(4) MTL_TILE_CASE512(3) MTL_TILE_CASE512(2) MTL_TILE_CASE512(1)
 #undef MTL_TILE_CASE512
-    default: return block512<1, NP>(x, sm, sk, panel, pstride, K, out, ldo, accumulate, mask0, mask1);
+    default: TORCH_INTERNAL_ASSERT(false, "cpu_tiles: a block of ", nr, " rows (1 to ", kRows512, ")");
   }
 }
 
