@@ -390,7 +390,7 @@ bool cpu_projects_input(const at::Tensor& input) {
 // two parallel regions (packing the right operands into panels, then the products).
 
 // One product: out rows [0, n) (n, N), row stride ldo, = x (n, K) @ W, element (r, k) of x at
-// x[r * sm + k * sk], W packed by pack_panel_rows.
+// x[r * sm + k * sk], W packed by cpu_tiles::pack_panel_rows.
 struct TiledProduct {
   const float* x;
   int64_t sm, sk, n, K, N;
@@ -398,22 +398,6 @@ struct TiledProduct {
   float* out;
   int64_t ldo;
 };
-
-// Rows [k0, k1) of W (K, N), row k at w + k * sk, unit stride along N, into pack_panels' layout
-// (the padding columns of the last panel zero): the operands here are row-major, so each row is a
-// contiguous copy per panel, and row ranges pack on separate threads.
-void pack_panel_rows(const float* w, int64_t K, int64_t N, int64_t sk, float* packed, int64_t k0,
-                     int64_t k1) {
-  constexpr int64_t P = cpu_tiles::kPanel;
-  for (int64_t p = 0; p < cpu_tiles::panel_count(N); ++p) {
-    const int64_t n0 = p * P, nc = std::min(P, N - n0);
-    float* dst = packed + p * K * P;
-    for (int64_t k = k0; k < k1; ++k) {
-      std::copy(w + k * sk + n0, w + k * sk + n0 + nc, dst + k * P);
-      std::fill(dst + k * P + nc, dst + k * P + P, 0.f);
-    }
-  }
-}
 
 // Runs work(i) for i in [0, cost.size()) on at::parallel_for's threads, each thread a contiguous
 // run of items of about the same total cost (item i goes to the thread whose share holds the
@@ -456,14 +440,12 @@ bool cpu_gradient_products(GradientProducts& a) {
   struct Pack {
     const float* w;
     int64_t K, N, sk;
-    float* dst;
+    int64_t offset;  // where its panels start in `packed`
   };
   std::vector<Pack> packs;
   int64_t floats = 0;
-  std::vector<int64_t> offsets;  // where each pack's panels start
   const auto add_pack = [&](const float* w, int64_t K, int64_t N, int64_t sk) {
-    offsets.push_back(floats);
-    packs.push_back({w, K, N, sk, nullptr});
+    packs.push_back({w, K, N, sk, floats});
     floats += cpu_tiles::packed_size(K, N);
     return packs.size() - 1;
   };
@@ -472,7 +454,8 @@ bool cpu_gradient_products(GradientProducts& a) {
   const float* wih = a.weight_ih.data_ptr<float>();
   std::vector<size_t> pack_x(G), pack_h(G), pack_w(G);
   for (int64_t g = 0; g < G; ++g) {
-    pack_x[g] = a.shared && g > 0 ? pack_x[0] : add_pack(x + (a.shared ? 0 : g * TB * C), rows(g), C, C);
+    pack_x[g] = a.shared && g > 0 ? pack_x[0]
+                                  : add_pack(x + (a.shared ? 0 : g * TB * C), rows(g), C, C);
     pack_h[g] = add_pack(hp + g * a.h_prev.stride(0), rows(g), R, R);
     if (a.input_grad && (!a.shared || g == 0))
       pack_w[g] = add_pack(wih + g * KH * C, a.shared ? G * KH : KH, C, C);
@@ -489,7 +472,6 @@ bool cpu_gradient_products(GradientProducts& a) {
     a.grad_input = a.shared ? at::empty({TB, C}, opts)
                             : (a.rows ? at::zeros({G, TB, C}, opts) : at::empty({G, TB, C}, opts));
   }
-  for (size_t i = 0; i < packs.size(); ++i) packs[i].dst = packed.data_ptr<float>() + offsets[i];
   // pack in slices of rows, so that one large operand spreads over the threads
   constexpr int64_t kPackRows = 256;
   std::vector<std::array<int64_t, 3>> slices;  // pack, k0, k1
@@ -499,9 +481,11 @@ bool cpu_gradient_products(GradientProducts& a) {
       slices.push_back({int64_t(i), k0, std::min(packs[i].K, k0 + kPackRows)});
       slice_cost.push_back((slices.back()[2] - k0) * packs[i].N);
     }
+  float* const base = packed.data_ptr<float>();
   run_balanced(slice_cost, [&](int64_t i) {
     const Pack& pk = packs[slices[i][0]];
-    pack_panel_rows(pk.w, pk.K, pk.N, pk.sk, pk.dst, slices[i][1], slices[i][2]);
+    cpu_tiles::pack_panel_rows(pk.w, pk.K, pk.N, pk.sk, base + pk.offset, slices[i][1],
+                               slices[i][2]);
   });
 
   // the products, each in blocks of kRowChunk output rows
@@ -517,19 +501,19 @@ bool cpu_gradient_products(GradientProducts& a) {
       cost.push_back(nr * std::max<int64_t>(1, p.K) * p.N);
     }
   };
-  const float* base = packed.data_ptr<float>();
   for (int64_t g = 0; g < G; ++g) {
     // grad_w_ih[g] (KH, C) = dg_g^T (KH, rows) @ x_g (rows, C): x's element (unit, row) at unit + row * srow
-    add({dg + g * sg, 1, srow, KH, rows(g), C, base + offsets[pack_x[g]],
+    add({dg + g * sg, 1, srow, KH, rows(g), C, base + packs[pack_x[g]].offset,
          a.grad_w_ih.data_ptr<float>() + g * KH * C, C});
-    add({dr + g * sg, 1, srow, KH, rows(g), R, base + offsets[pack_h[g]],
+    add({dr + g * sg, 1, srow, KH, rows(g), R, base + packs[pack_h[g]].offset,
          a.grad_w_hh.data_ptr<float>() + g * KH * R, R});
     if (a.input_grad && !a.shared)  // grad_input[g] rows (rows, C) = dg_g (rows, KH) @ W_ih[g]
-      add({dg + g * sg, srow, 1, rows(g), KH, C, base + offsets[pack_w[g]],
+      add({dg + g * sg, srow, 1, rows(g), KH, C, base + packs[pack_w[g]].offset,
            a.grad_input.data_ptr<float>() + g * TB * C, C});
   }
   if (a.input_grad && a.shared)  // grad_input (T*B, C) = dgates (T*B, G*KH) @ W_ih (G*KH, C)
-    add({dg, srow, 1, TB, G * KH, C, base + offsets[pack_w[0]], a.grad_input.data_ptr<float>(), C});
+    add({dg, srow, 1, TB, G * KH, C, base + packs[pack_w[0]].offset,
+         a.grad_input.data_ptr<float>(), C});
   run_balanced(cost, [&](int64_t i) {
     const TiledProduct& p = blocks[i];
     cpu_tiles::rows_times_packed(p.x, p.n, p.sm, p.sk, p.packed, p.K, p.N, p.out, p.ldo,

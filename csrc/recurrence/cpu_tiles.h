@@ -89,11 +89,27 @@ inline Variant chosen_variant() {
   return supported512() && setting().get() == TilesMode::kAuto ? Variant::kAvx512 : Variant::kAvx2;
 }
 
+// Rows [k0, k1) of W (K, N), row k at w + k * sk, unit stride along N, into pack_panels' layout,
+// the last panel's padding columns zero: one contiguous copy per row and panel, and separate row
+// ranges may pack on separate threads.
+inline void pack_panel_rows(const float* w, int64_t K, int64_t N, int64_t sk, float* packed,
+                            int64_t k0, int64_t k1) {
+  for (int64_t p = 0; p < panel_count(N); ++p) {
+    const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+    float* dst = packed + p * K * kPanel;
+    for (int64_t k = k0; k < k1; ++k) {
+      std::copy(w + k * sk + n0, w + k * sk + n0 + nc, dst + k * kPanel);
+      std::fill(dst + k * kPanel + nc, dst + (k + 1) * kPanel, 0.f);
+    }
+  }
+}
+
 // W (K, N), element (k, n) at w[k * sk + n * sn], into panels: packed[(p * K + k) * kPanel + c] =
 // W(k, p * kPanel + c), zero past N (the last panel's padding columns are computed and dropped).
 // Reads along whichever of k and n is contiguous: the transposed read strode by rows and was ~10x
 // slower.
 inline void pack_panels(const float* w, int64_t K, int64_t N, int64_t sk, int64_t sn, float* packed) {
+  if (sn == 1) return pack_panel_rows(w, K, N, sk, packed, 0, K);
   std::fill(packed, packed + packed_size(K, N), 0.f);
   if (sk == 1) {
     for (int64_t n = 0; n < N; ++n) {
